@@ -1,0 +1,3 @@
+from floe_app.cli import main
+
+raise SystemExit(main())

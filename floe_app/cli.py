@@ -1,0 +1,195 @@
+"""The `floe` command. Imports stay inside the commands so `floe --version` starts instantly.
+
+Exit codes: 0 ok, 1 a runtime error (one line on stderr), 2 a usage error, 130 Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from floe_app import __version__
+from floe_app.errors import FloeError
+
+if TYPE_CHECKING:
+    from floe_app.config import Config
+    from floe_app.paths import Paths
+    from floe_app.session import ChatSession
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="floe", description="Chat with a small language model that runs on this computer.",
+        epilog="With no command, floe opens the chat in the terminal.")
+    parser.add_argument("--version", action="version", version=f"floe {__version__}")
+    parser.add_argument("--model", metavar="PATH", help="GGUF model to use instead of the"
+                        " configured one (default: the bundled SmolLM2-135M-Instruct)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ask = commands.add_parser("ask", help="answer one prompt, streamed to stdout")
+    ask.add_argument("prompt", nargs="*", help="the prompt; '-' or none reads standard input")
+    ask.add_argument("--json", action="store_true",
+                     help="print one JSON object {text, stats} instead of streaming")
+    ask.add_argument("--conversation", "-c", type=int, metavar="ID",
+                     help="continue this conversation (see floe history list)")
+
+    history = commands.add_parser("history", help="list, show, search or export conversations")
+    history_commands = history.add_subparsers(dest="history_command", metavar="ACTION",
+                                              required=True)
+    listing = history_commands.add_parser("list", help="conversations, newest first")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true")
+    show = history_commands.add_parser("show", help="print a conversation as Markdown")
+    show.add_argument("id", type=int)
+    search = history_commands.add_parser("search", help="full-text search over all messages")
+    search.add_argument("query", nargs="+")
+    search.add_argument("--json", action="store_true")
+    export = history_commands.add_parser("export", help="write a conversation to a file")
+    export.add_argument("id", type=int)
+    export.add_argument("--output", "-o", metavar="FILE",
+                        help="where to write (default: floe-ID.md, or .json with --format json)")
+    export.add_argument("--format", choices=["markdown", "json"], default="markdown")
+
+    doctor = commands.add_parser("doctor", help="check the model, the CPU, paths and versions")
+    doctor.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command is None:
+            return run_tui(args)
+        handler = {"ask": cmd_ask, "history": cmd_history, "doctor": cmd_doctor}[args.command]
+        return handler(args)
+    except FloeError as exc:
+        print(f"floe: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("floe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `floe history show 1 | head`
+        sys.stderr.close()
+        return 0
+
+
+def load_settings() -> tuple[Paths, Config]:
+    from floe_app.config import load_config
+    from floe_app.paths import resolve_paths
+
+    paths = resolve_paths().ensure()
+    config, warnings = load_config(paths)
+    for warning in warnings:
+        print(f"floe: warning: {warning}", file=sys.stderr)
+    return paths, config
+
+
+def open_session(args: argparse.Namespace) -> ChatSession:
+    from floe_app.session import ChatSession
+    from floe_app.store import Store
+
+    paths, config = load_settings()
+    store = Store(paths.database)
+    store.mark_interrupted()
+    return ChatSession(store, config, model_override=args.model)
+
+
+def run_tui(args: argparse.Namespace) -> int:
+    from floe_app.tui.app import FloeApp
+
+    paths, config = load_settings()
+    FloeApp(paths=paths, config=config, model_override=args.model).run()
+    return 0
+
+
+def read_prompt(words: list[str]) -> str:
+    if words and words != ["-"]:
+        return " ".join(words)
+    if sys.stdin.isatty():
+        raise FloeError("no prompt: pass it as arguments or pipe it on standard input")
+    return sys.stdin.read()
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from floe_app.session import Delta, Finished, Notice
+
+    prompt = read_prompt(args.prompt)
+    if not prompt.strip():
+        raise FloeError("the prompt is empty")
+    session = open_session(args)
+    conversation_id = args.conversation or session.store.create_conversation()
+    finished = None
+    for event in session.reply(conversation_id, prompt):
+        if isinstance(event, Notice):
+            print(f"floe: note: {event.text}", file=sys.stderr)
+        elif isinstance(event, Delta) and not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, Finished):
+            finished = event
+    assert finished is not None
+    if args.json:
+        print(json.dumps({"text": finished.text, "stats": finished.stats,
+                          "conversation_id": conversation_id,
+                          "message_id": finished.message_id}, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from floe_app.session import conversation_markdown
+
+    session = open_session(args)
+    store = session.store
+    action = args.history_command
+    if action == "list":
+        conversations = store.conversations()[: max(args.limit, 0)]
+        if args.json:
+            print(json.dumps([vars(c) for c in conversations], ensure_ascii=False))
+        for c in [] if args.json else conversations:
+            print(f"{c.id:>5}  {c.updated_at[:16].replace('T', ' ')}  {c.message_count:>4} msgs"
+                  f"  {c.title}")
+        return 0
+    if action == "search":
+        hits = store.search(" ".join(args.query))
+        if args.json:
+            print(json.dumps([vars(h) for h in hits], ensure_ascii=False))
+        for h in [] if args.json else hits:
+            snippet = " ".join(h.snippet.split())
+            print(f"{h.conversation_id:>5}  {h.conversation_title}  ({h.role}): {snippet}")
+        return 0
+    conversation = store.conversation(args.id)
+    if conversation is None:
+        raise FloeError(f"no conversation with id {args.id} (see floe history list)")
+    messages = store.messages(args.id)
+    if action == "show":
+        print(conversation_markdown(conversation, messages))
+        return 0
+    if args.format == "json":
+        text = json.dumps({"conversation": vars(conversation),
+                           "messages": [vars(m) for m in messages]},
+                          ensure_ascii=False, indent=2)
+    else:
+        text = conversation_markdown(conversation, messages)
+    suffix = "json" if args.format == "json" else "md"
+    output = Path(args.output or f"floe-{args.id}.{suffix}")
+    try:
+        output.write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise FloeError(f"cannot write {output}: {exc.strerror}") from exc
+    print(output)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from floe_app.doctor import diagnose, format_report
+    from floe_app.paths import resolve_paths
+
+    report = diagnose(resolve_paths().ensure(), model_override=args.model)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1

@@ -1,0 +1,211 @@
+"""Floe's settings: a TOML file, validated key by key.
+
+A bad value never stops Floe: it is reported in one line naming the key and what is
+allowed, and that key falls back to its default. The file is only rewritten when the user
+saves settings, and a file Floe cannot parse is kept aside before that happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from floe_app.paths import Paths
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Floe, a concise and helpful assistant running on the user's own computer."
+)
+
+
+def _rule(allowed: str, check: Callable[[Any], bool], doc: str) -> dict[str, Any]:
+    return {"allowed": allowed, "check": check, "doc": doc}
+
+
+@dataclass
+class ModelSettings:
+    path: str = field(
+        default="",
+        metadata=_rule("a path to a .gguf file, or \"\" for the bundled model", lambda v: True,
+                       "GGUF model to chat with; empty means the bundled SmolLM2-135M-Instruct"),
+    )
+    threads: int = field(
+        default=0,
+        metadata=_rule("a whole number from 0 to 256 (0 = one per physical core)",
+                       lambda v: 0 <= v <= 256, "CPU threads for generation"),
+    )
+    context_tokens: int = field(
+        default=4096,
+        metadata=_rule("a whole number from 512 to 131072", lambda v: 512 <= v <= 131072,
+                       "context window in tokens; longer input is clipped with a notice"),
+    )
+
+
+@dataclass
+class ChatSettings:
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        metadata=_rule("text of at most 4000 characters", lambda v: len(v) <= 4000,
+                       "instructions given to the model before every conversation"),
+    )
+    temperature: float = field(
+        default=0.7,
+        metadata=_rule("a number from 0 to 2 (0 = always the likeliest token)",
+                       lambda v: 0 <= v <= 2, "sampling temperature"),
+    )
+    top_p: float = field(
+        default=0.95,
+        metadata=_rule("a number above 0 and at most 1", lambda v: 0 < v <= 1,
+                       "nucleus sampling: keep the smallest set of tokens with this much mass"),
+    )
+    top_k: int = field(
+        default=40,
+        metadata=_rule("a whole number from 0 to 1000 (0 = no limit)", lambda v: 0 <= v <= 1000,
+                       "sample only among this many likeliest tokens"),
+    )
+    max_tokens: int = field(
+        default=512,
+        metadata=_rule("a whole number from 1 to 8192", lambda v: 1 <= v <= 8192,
+                       "longest reply in tokens"),
+    )
+    seed: int = field(
+        default=-1,
+        metadata=_rule("a whole number (-1 = random)", lambda v: v >= -1,
+                       "sampling seed, for reproducible replies"),
+    )
+
+
+@dataclass
+class Config:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One key of the file: where it lives, its type, and what values it allows."""
+
+    section: str
+    name: str
+    type: type
+    default: Any
+    allowed: str
+    check: Callable[[Any], bool]
+    doc: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    def coerce(self, value: Any) -> Any:
+        """Return the value as this setting's type, or raise ValueError."""
+        if isinstance(value, bool) and self.type is not bool:
+            raise ValueError
+        if self.type is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, self.type):
+            raise ValueError
+        if not self.check(value):
+            raise ValueError
+        return value
+
+
+def setting_specs() -> list[SettingSpec]:
+    specs = []
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            default = f.default
+            specs.append(SettingSpec(section.name, f.name, type(default), default,
+                                     f.metadata["allowed"], f.metadata["check"],
+                                     f.metadata["doc"]))
+    return specs
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh), []
+    except tomllib.TOMLDecodeError as exc:
+        return {}, [f"{path}: not valid TOML ({exc}); using defaults for every key"]
+    except OSError as exc:
+        return {}, [f"{path}: cannot be read ({exc.strerror}); using defaults for every key"]
+
+
+def parse_config(raw: dict[str, Any], origin: str = "config.toml") -> tuple[Config, list[str]]:
+    """Validate a parsed TOML document; returns the config and one warning per bad key."""
+    config = Config()
+    warnings: list[str] = []
+    specs = {spec.key: spec for spec in setting_specs()}
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for section, values in raw.items():
+        if section not in sections:
+            warnings.append(f"{origin}: unknown section [{section}] is ignored")
+            continue
+        if not isinstance(values, dict):
+            warnings.append(f"{origin}: {section} should be a [{section}] table; using defaults")
+            continue
+        for name, value in values.items():
+            spec = specs.get(f"{section}.{name}")
+            if spec is None:
+                warnings.append(f"{origin}: unknown key {section}.{name} is ignored")
+                continue
+            try:
+                setattr(getattr(config, section), name, spec.coerce(value))
+            except ValueError:
+                warnings.append(
+                    f"{origin}: {spec.key} = {value!r} is not allowed; expected {spec.allowed}."
+                    f" Using the default {spec.default!r}"
+                )
+    return config, warnings
+
+
+def load_config(paths: Paths) -> tuple[Config, list[str]]:
+    """Read the config file, writing a commented default one on first run."""
+    path = paths.config_file
+    if not path.exists():
+        try:
+            write_config(paths, Config())
+        except OSError as exc:
+            return Config(), [f"{path}: cannot be written ({exc.strerror}); using defaults"]
+        return Config(), []
+    raw, warnings = _read_toml(path)
+    config, more = parse_config(raw, origin=str(path))
+    return config, warnings + more
+
+
+def write_config(paths: Paths, config: Config) -> Path:
+    """Save settings, keeping the user's comments and unknown keys where the file parses."""
+    import tomlkit
+
+    path = paths.config_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = None
+    if path.exists():
+        try:
+            doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+        except (tomlkit.exceptions.ParseError, UnicodeDecodeError):
+            # Keep the unreadable file for the user instead of overwriting their work.
+            path.replace(path.with_name(f"config.toml.broken-{int(time.time())}"))
+    if doc is None:
+        doc = tomlkit.document()
+        doc.add(tomlkit.comment("Floe settings. Delete a key to go back to its default."))
+    for spec in setting_specs():
+        table = doc.get(spec.section)
+        if not isinstance(table, dict):
+            table = tomlkit.table()
+            doc[spec.section] = table
+        value = getattr(getattr(config, spec.section), spec.name)
+        if spec.name in table:
+            table[spec.name] = value
+        else:
+            table.add(tomlkit.comment(f"{spec.doc}: {spec.allowed}"))
+            table.add(spec.name, value)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

