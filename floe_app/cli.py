@@ -77,22 +77,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def load_settings() -> tuple[Paths, Config]:
+def load_settings(report: bool = True) -> tuple[Paths, Config, list[str]]:
     from floe_app.config import load_config
     from floe_app.paths import resolve_paths
 
     paths = resolve_paths().ensure()
     config, warnings = load_config(paths)
-    for warning in warnings:
+    for warning in warnings if report else []:
         print(f"floe: warning: {warning}", file=sys.stderr)
-    return paths, config
+    return paths, config, warnings
 
 
 def open_session(args: argparse.Namespace) -> ChatSession:
     from floe_app.session import ChatSession
     from floe_app.store import Store
 
-    paths, config = load_settings()
+    paths, config, _ = load_settings()
     store = Store(paths.database)
     store.mark_interrupted()
     return ChatSession(store, config, model_override=args.model)
@@ -101,8 +101,8 @@ def open_session(args: argparse.Namespace) -> ChatSession:
 def run_tui(args: argparse.Namespace) -> int:
     from floe_app.tui.app import FloeApp
 
-    paths, config = load_settings()
-    FloeApp(paths=paths, config=config, model_override=args.model).run()
+    paths, config, warnings = load_settings(report=False)  # shown inside the app instead
+    FloeApp(paths=paths, config=config, model_override=args.model, warnings=warnings).run()
     return 0
 
 

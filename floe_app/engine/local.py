@@ -151,7 +151,7 @@ class LocalEngine:
         self.n_vocab = int(llm.n_vocab())
         self.n_ctx = int(llm.n_ctx())
         metadata = llm.metadata
-        self.name = metadata.get("general.name") or path.stem
+        self.name = path.stem  # file names are what users chose and recognise
         eos = llm.token_eos()
         bos = llm.token_bos()
         self._formatter = Jinja2ChatFormatter(

@@ -1,0 +1,348 @@
+"""The chat app: sidebar of conversations, the conversation, the message box, a status line.
+
+Model loading and generation run in thread workers and report back with messages, so the
+interface stays responsive; the reply is stored by ChatSession as it streams.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Input, ListView
+from textual.widgets.markdown import MarkdownStream
+from textual.widgets import Markdown as MarkdownWidget
+
+from floe_app.config import Config, write_config
+from floe_app.errors import FloeError
+from floe_app.paths import Paths, assets_dir
+from floe_app.session import ChatSession, Delta, Finished, Notice, conversation_markdown
+from floe_app.store import Store
+from floe_app.tui.screens.confirm import ConfirmScreen
+from floe_app.tui.screens.help import HelpScreen
+from floe_app.tui.screens.rename import RenameScreen
+from floe_app.tui.screens.settings import SettingsScreen
+from floe_app.tui.widgets.chat import ChatView, MessageView
+from floe_app.tui.widgets.prompt import PromptInput
+from floe_app.tui.widgets.sidebar import ConversationItem, Sidebar
+from floe_app.tui.widgets.status import StatusBar
+
+# Keys handled by the message box itself; listed in the help screen with the bindings.
+INPUT_KEYS = [("Enter", "Send the message"), ("Shift+Enter / Ctrl+J", "New line in the message"),
+              ("Tab / Shift+Tab", "Move between the sidebar and the message box"),
+              ("Ctrl+P", "Command palette: every action by name"), ("Ctrl+Q", "Quit")]
+
+
+@dataclass
+class Failed:
+    """The reply could not be produced; `error` is the one-line reason."""
+
+    error: str
+
+
+class ModelState(Message):
+    def __init__(self, state: str, detail: str = "", fraction: float = 0.0) -> None:
+        super().__init__()
+        self.state = state  # loading | ready | error
+        self.detail = detail
+        self.fraction = fraction
+
+
+class ReplyProgress(Message):
+    def __init__(self, view: MessageView, event: Notice | Delta | Finished | Failed) -> None:
+        super().__init__()
+        self.view = view
+        self.event = event
+
+
+class FloeApp(App[None]):
+    TITLE = "Floe"
+    CSS_PATH = str(assets_dir() / "floe.tcss")
+    BINDINGS = [
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+r", "rename_chat", "Rename chat", show=False),
+        Binding("f8", "delete_chat", "Delete chat", show=False),
+        Binding("ctrl+f", "search_chats", "Search chats", show=False),
+        Binding("escape", "stop", "Stop reply"),
+        Binding("f5", "copy_reply", "Copy last reply", show=False),
+        Binding("ctrl+s", "export_chat", "Export chat as Markdown", show=False),
+        Binding("f2", "settings", "Settings"),
+        Binding("f1", "help", "Help"),
+    ]
+
+    def __init__(self, paths: Paths, config: Config, model_override: str | None = None,
+                 warnings: list[str] | None = None, export_dir: Path | None = None) -> None:
+        super().__init__()
+        self.paths = paths
+        store = Store(paths.database)
+        self.interrupted = store.mark_interrupted()
+        self.session = ChatSession(store, config, model_override=model_override)
+        self.warnings = warnings or []
+        self.export_dir = export_dir or Path.cwd()
+        self.conversation_id: int | None = None
+        self.generating = False
+        self._cancel = threading.Event()
+        self._streams: dict[MessageView, MarkdownStream] = {}
+
+    @property
+    def store(self) -> Store:
+        return self.session.store
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            yield Sidebar(id="sidebar")
+            with Vertical(id="main"):
+                yield ChatView(id="chat")
+                yield PromptInput(id="prompt")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        self.query_one(PromptInput).focus()
+        conversations = self.store.conversations()
+        if conversations:
+            await self.open_conversation(conversations[0].id)
+        else:
+            await self.refresh_sidebar()
+        for warning in self.warnings:
+            self.notify(warning, title="Settings", severity="warning", timeout=10)
+        if self.interrupted:
+            self.notify(f"{self.interrupted} reply was interrupted when Floe last stopped;"
+                        " what it had written is kept.", timeout=8)
+        self.load_model()
+
+    # The model
+
+    @work(thread=True, exclusive=True, group="model")
+    def load_model(self) -> None:
+        self.post_message(ModelState("loading"))
+        try:
+            engine = self.session.engine(
+                progress=lambda f: self.post_message(ModelState("loading", fraction=f)))
+        except FloeError as exc:
+            self.post_message(ModelState("error", str(exc)))
+        else:
+            self.post_message(ModelState("ready", engine.name))
+
+    def on_model_state(self, message: ModelState) -> None:
+        status = self.query_one(StatusBar)
+        if message.state == "loading":
+            status.state = f"loading model {message.fraction:.0%}"
+        elif message.state == "ready":
+            status.model, status.state = message.detail, ""
+        else:
+            status.model, status.state = "no model", "model error: press F2 to choose one"
+            self.notify(message.detail, title="Model could not be loaded", severity="error",
+                        timeout=15)
+
+    # Conversations
+
+    async def refresh_sidebar(self) -> None:
+        sidebar = self.query_one(Sidebar)
+        query = sidebar.search_box.value.strip()
+        conversations = self.store.conversations()
+        if query:
+            hit_ids = {hit.conversation_id for hit in self.store.search(query)}
+            conversations = [c for c in conversations
+                             if c.id in hit_ids or query.lower() in c.title.lower()]
+        await sidebar.show(conversations, self.conversation_id)
+
+    async def open_conversation(self, conversation_id: int | None) -> None:
+        self.conversation_id = conversation_id
+        chat = self.query_one(ChatView)
+        conversation = self.store.conversation(conversation_id) if conversation_id else None
+        await chat.show_messages(self.store.messages(conversation_id) if conversation else [])
+        self.sub_title = conversation.title if conversation else ""
+        await self.refresh_sidebar()
+
+    async def on_list_view_selected(self, event: ListView.Selected) -> None:
+        if isinstance(event.item, ConversationItem):
+            await self.open_conversation(event.item.conversation.id)
+            self.query_one(PromptInput).focus()
+
+    async def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "search":
+            await self.refresh_sidebar()
+
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "search":
+            self.query_one(Sidebar).list_view.focus()
+
+    # Sending and streaming
+
+    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text
+        if not text.strip():
+            self.notify("Type a message first.", severity="warning")
+            return
+        if self.generating:
+            self.notify("Floe is still replying: wait, or press Esc to stop it.",
+                        severity="warning")
+            return
+        if self.conversation_id is None:
+            self.conversation_id = self.session.new_conversation()
+            await self.refresh_sidebar()
+        event.prompt.clear()
+        chat = self.query_one(ChatView)
+        await chat.add_message("user", text)
+        view = await chat.add_message("assistant", "", status="streaming")
+        self._streams[view] = MarkdownWidget.get_stream(view.body)
+        self.generating = True
+        self.query_one(StatusBar).state = "replying… (Esc to stop)"
+        self.run_reply(self.conversation_id, text, view)
+
+    @work(thread=True, exclusive=True, group="reply")
+    def run_reply(self, conversation_id: int, text: str, view: MessageView) -> None:
+        self._cancel = cancel = threading.Event()
+        try:
+            for event in self.session.reply(conversation_id, text, cancel):
+                self.post_message(ReplyProgress(view, event))
+        except FloeError as exc:
+            self.post_message(ReplyProgress(view, Failed(str(exc))))
+        except Exception as exc:  # an engine bug must not take the chat down
+            self.post_message(ReplyProgress(view, Failed(f"unexpected error: {exc!r}")))
+
+    async def on_reply_progress(self, message: ReplyProgress) -> None:
+        view, event = message.view, message.event
+        chat = self.query_one(ChatView)
+        shown = view.is_attached
+        if isinstance(event, Delta) and shown:
+            await self._streams[view].write(event.text)
+        elif isinstance(event, Notice) and shown:
+            await chat.add_notice(event.text)
+            await chat.move_child(chat.children[-1], before=view)
+        elif isinstance(event, Finished | Failed):
+            self.generating = False
+            stream = self._streams.pop(view, None)
+            if stream is not None:
+                await stream.stop()
+            status = self.query_one(StatusBar)
+            status.state = ""
+            if isinstance(event, Finished):
+                view.set_status(event.status)
+                status.last_stats = event.stats
+            else:
+                view.set_status("error")
+                await chat.add_notice(f"**Could not reply:** {event.error}")
+            await self.refresh_sidebar()
+
+    # Actions
+
+    def action_stop(self) -> None:
+        if self.generating:
+            self._cancel.set()
+        else:
+            self.query_one(PromptInput).focus()
+
+    async def action_new_chat(self) -> None:
+        await self.open_conversation(None)
+        self.query_one(PromptInput).focus()
+
+    def action_rename_chat(self) -> None:
+        conversation = self.store.conversation(self.conversation_id or 0)
+        if conversation is None:
+            self.notify("Nothing to rename yet: send a message first.")
+            return
+
+        async def rename(title: str | None) -> None:
+            if title:
+                self.store.rename_conversation(conversation.id, title)
+                self.sub_title = title
+                await self.refresh_sidebar()
+
+        self.push_screen(RenameScreen(conversation.title), rename)
+
+    def action_delete_chat(self) -> None:
+        conversation = self.store.conversation(self.conversation_id or 0)
+        if conversation is None:
+            self.notify("No chat selected.")
+            return
+        if self.generating:
+            self.notify("Stop the reply (Esc) before deleting this chat.", severity="warning")
+            return
+
+        async def delete(confirmed: bool | None) -> None:
+            if confirmed:
+                self.store.delete_conversation(conversation.id)
+                remaining = self.store.conversations()
+                await self.open_conversation(remaining[0].id if remaining else None)
+                self.notify(f"Deleted “{conversation.title}”.")
+
+        self.push_screen(ConfirmScreen(
+            f"Delete “{conversation.title}” and its {conversation.message_count} messages?"
+            " This cannot be undone."), delete)
+
+    def action_search_chats(self) -> None:
+        self.query_one(Sidebar).search_box.focus()
+
+    def _last_reply(self) -> str | None:
+        messages = self.store.messages(self.conversation_id) if self.conversation_id else []
+        replies = [m.content for m in messages if m.role == "assistant" and m.content]
+        return replies[-1] if replies else None
+
+    def action_copy_reply(self) -> None:
+        reply = self._last_reply()
+        if reply is None:
+            self.notify("No reply to copy yet.")
+            return
+        self.copy_to_clipboard(reply)
+        self.notify(f"Copied the last reply ({len(reply):,} characters).")
+
+    def action_export_chat(self) -> None:
+        conversation = self.store.conversation(self.conversation_id or 0)
+        if conversation is None:
+            self.notify("No chat to export yet.")
+            return
+        path = self.export_dir / f"floe-{conversation.id}.md"
+        try:
+            path.write_text(conversation_markdown(conversation,
+                                                  self.store.messages(conversation.id)) + "\n",
+                            encoding="utf-8")
+        except OSError as exc:
+            self.notify(f"Could not write {path}: {exc.strerror}", severity="error")
+            return
+        self.notify(f"Exported to {path}")
+
+    def action_settings(self) -> None:
+        def saved(config: Config | None) -> None:
+            if config is None:
+                return
+            model_changed = config.model != self.session.config.model
+            self.session.config = config
+            try:
+                path = write_config(self.paths, config)
+            except OSError as exc:
+                self.notify(f"Settings apply now but could not be saved: {exc.strerror}",
+                            severity="error")
+            else:
+                self.notify(f"Settings saved to {path}")
+            if model_changed:
+                self.load_model()
+
+        self.push_screen(SettingsScreen(self.session.config), saved)
+
+    def action_help(self) -> None:
+        keys = [(b.key_display or self.get_key_display(b), b.description)
+                for b in self._bindings_list()] + INPUT_KEYS
+        self.push_screen(HelpScreen(keys))
+
+    def _bindings_list(self) -> list[Binding]:
+        return [b for b in self.BINDINGS if isinstance(b, Binding)]
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for binding in self._bindings_list():
+            yield SystemCommand(binding.description, f"Key: {self.get_key_display(binding)}",
+                                self._palette_callback(binding.action))
+
+    def _palette_callback(self, action: str) -> Any:
+        return lambda: self.call_later(self.run_action, action)

@@ -1,0 +1,76 @@
+"""Model and chat settings, validated by the same rules as the config file, then saved."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, TextArea
+
+from floe_app.config import Config, SettingSpec, setting_specs
+
+EDITABLE = ("model.path", "chat.system_prompt", "chat.temperature", "chat.top_p",
+            "chat.max_tokens", "model.threads", "model.context_tokens")
+
+
+def parse_value(spec: SettingSpec, text: str) -> object:
+    """The typed value of a field's text; raises ValueError with what is allowed."""
+    try:
+        value = spec.type(text.strip()) if spec.type in (int, float) else text
+        return spec.coerce(value)
+    except ValueError:
+        raise ValueError(f"{spec.key}: expected {spec.allowed}") from None
+
+
+class SettingsScreen(ModalScreen[Config | None]):
+    """Dismisses with the new Config when saved, or None when cancelled."""
+
+    BINDINGS = [("escape", "dismiss(None)", "Cancel"), ("ctrl+s", "save", "Save")]
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(classes="dialog-screen")
+        self.config = config
+        specs = {s.key: s for s in setting_specs()}
+        self.specs = [specs[key] for key in EDITABLE]
+
+    def _current(self, spec: SettingSpec) -> object:
+        return getattr(getattr(self.config, spec.section), spec.name)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog wide"):
+            yield Label("Settings  (Ctrl+S to save, Esc to cancel)", classes="title")
+            for spec in self.specs:
+                field_id = spec.key.replace(".", "-")
+                yield Label(f"{spec.doc} ({spec.key})", classes="field-label")
+                if spec.name == "system_prompt":
+                    yield TextArea(str(self._current(spec)), id=field_id, soft_wrap=True,
+                                   classes="field")
+                else:
+                    yield Input(str(self._current(spec)), id=field_id, classes="field",
+                                placeholder=spec.allowed)
+            yield Label("", id="error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Save", variant="primary", id="save")
+                yield Button("Cancel", id="cancel")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.dismiss(None)
+
+    def action_save(self) -> None:
+        sections = {f.name: dataclasses.replace(getattr(self.config, f.name))
+                    for f in dataclasses.fields(Config)}
+        for spec in self.specs:
+            widget = self.query_one(f"#{spec.key.replace('.', '-')}")
+            text = widget.text if isinstance(widget, TextArea) else widget.value
+            try:
+                setattr(sections[spec.section], spec.name, parse_value(spec, text))
+            except ValueError as exc:
+                self.query_one("#error", Label).update(str(exc))
+                widget.focus()
+                return
+        self.dismiss(Config(**sections))

@@ -1,0 +1,65 @@
+"""The conversation: one MessageView per message, the last reply streamed into Markdown."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Label, Markdown, Static
+
+from floe_app.store import Message
+
+ROLE_NAMES = {"user": "You", "assistant": "Floe", "notice": "Floe"}
+STATUS_NOTES = {"interrupted": "interrupted: Floe stopped before this reply finished",
+                "stopped": "stopped", "error": "failed", "streaming": "writing…"}
+
+
+class MessageView(Vertical):
+    """A message's author line and its Markdown body."""
+
+    def __init__(self, role: str, content: str = "", status: str = "complete") -> None:
+        super().__init__(classes=f"message {role}")
+        self.role = role
+        self.content = content
+        self.status = status
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._heading(), classes="author")
+        if self.role == "user":  # what the user typed, line breaks and all
+            yield Static(self.content, classes="text", markup=False)
+        else:
+            yield Markdown(self.content, classes="body")
+
+    def _heading(self) -> str:
+        note = STATUS_NOTES.get(self.status)
+        return ROLE_NAMES.get(self.role, self.role) + (f"  ({note})" if note else "")
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        self.query_one(".author", Label).update(self._heading())
+        self.set_class(status != "complete", "unfinished")
+
+    @property
+    def body(self) -> Markdown:
+        return self.query_one(".body", Markdown)
+
+
+class ChatView(VerticalScroll):
+    """Scrolls with the reply as it streams, unless the user scrolls away."""
+
+    def on_mount(self) -> None:
+        self.anchor()
+
+    async def show_messages(self, messages: list[Message]) -> None:
+        await self.remove_children()
+        await self.mount_all(MessageView(m.role, m.content, m.status) for m in messages)
+        self.anchor()
+
+    async def add_message(self, role: str, content: str = "",
+                          status: str = "complete") -> MessageView:
+        view = MessageView(role, content, status)
+        await self.mount(view)
+        self.anchor()
+        return view
+
+    async def add_notice(self, text: str) -> MessageView:
+        return await self.add_message("notice", text)

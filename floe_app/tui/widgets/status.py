@@ -1,0 +1,26 @@
+"""The line at the bottom: model, mode, and how fast the last reply came."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.reactive import reactive
+from textual.widgets import Static
+
+
+class StatusBar(Static):
+    model: reactive[str] = reactive("no model")
+    mode: reactive[str] = reactive("local")
+    state: reactive[str] = reactive("")
+    last_stats: reactive[dict[str, Any]] = reactive(dict, always_update=True)
+
+    def render(self) -> str:
+        parts = [self.model, self.mode]
+        stats = self.last_stats
+        if stats:
+            parts.append(f"{stats.get('tokens_per_s', 0):.1f} tok/s")
+            parts.append(f"first token {stats.get('ttft_ms', 0):.0f} ms")
+            parts.append(f"{stats.get('tokens', 0)} tokens")
+        if self.state:
+            parts.append(self.state)
+        return "  ·  ".join(parts)
