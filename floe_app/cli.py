@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from floe_app import __version__
-from floe_app.errors import FloeError
+from floe_app.errors import FloeError, UsageError
 
 if TYPE_CHECKING:
     from floe_app.config import Config
@@ -60,12 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command is None:
             return run_tui(args)
         handler = {"ask": cmd_ask, "history": cmd_history, "doctor": cmd_doctor}[args.command]
         return handler(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"floe: error: {exc}", file=sys.stderr)
+        return 2
     except FloeError as exc:
         print(f"floe: error: {exc}", file=sys.stderr)
         return 1
@@ -110,7 +115,7 @@ def read_prompt(words: list[str]) -> str:
     if words and words != ["-"]:
         return " ".join(words)
     if sys.stdin.isatty():
-        raise FloeError("no prompt: pass it as arguments or pipe it on standard input")
+        raise UsageError("no prompt: pass it as arguments or pipe it on standard input")
     return sys.stdin.read()
 
 
@@ -119,7 +124,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
-        raise FloeError("the prompt is empty")
+        raise UsageError("the prompt is empty")
     session = open_session(args)
     conversation_id = args.conversation or session.store.create_conversation()
     finished = None

@@ -5,6 +5,10 @@ class FloeError(Exception):
     """A failure the user can act on; str() is the one-line message shown."""
 
 
+class UsageError(FloeError):
+    """The command was called wrongly (exit code 2, like argparse's own errors)."""
+
+
 class ModelError(FloeError):
     """The model file is missing, unreadable or not a usable GGUF."""
 

@@ -27,6 +27,13 @@ CLIP_MARKER = "\n\n[… {chars:,} characters left out to fit the context window 
 
 
 @dataclass
+class Saved:
+    """The user's message is in the database: from here on nothing they typed can be lost."""
+
+    message_id: int
+
+
+@dataclass
 class Notice:
     """Something the user should see about this reply (clipping, interruption)."""
 
@@ -48,7 +55,7 @@ class Finished:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-ReplyEvent = Notice | Delta | Finished
+ReplyEvent = Saved | Notice | Delta | Finished
 
 
 def title_from(text: str, limit: int = 48) -> str:
@@ -167,7 +174,7 @@ class ChatSession:
         if conversation is None:
             raise FloeError(f"no conversation with id {conversation_id}")
         history = self.store.messages(conversation_id)
-        self.store.add_message(conversation_id, "user", text)
+        yield Saved(self.store.add_message(conversation_id, "user", text))
         if conversation.title == DEFAULT_TITLE and not history:
             self.store.rename_conversation(conversation_id, title_from(text))
         engine = self.engine()

@@ -86,11 +86,26 @@ class Store:
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=busy_timeout_s)
         self._lock = threading.RLock()
         self.db = Database(conn)
-        with self._guard():
+        with self._guard(), self._setup_lock():
             self.db.enable_wal()
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             self.migrations_applied = apply_migrations(self.db)
+
+    @contextmanager
+    def _setup_lock(self) -> Iterator[None]:
+        """Serialize schema setup between Floe processes starting at the same moment.
+
+        The migrations cannot run in one SQLite transaction (FTS setup commits on its own),
+        so a lock on a small sidecar database stands in for one; it works on every OS.
+        """
+        lock = sqlite3.connect(self.path.with_name(self.path.name + ".setup-lock"),
+                               timeout=max(self.busy_timeout_s, 30.0), isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            yield
+        finally:
+            lock.close()
 
     def close(self) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ from textual.widgets import Markdown as MarkdownWidget
 from floe_app.config import Config, write_config
 from floe_app.errors import FloeError
 from floe_app.paths import Paths, assets_dir
-from floe_app.session import ChatSession, Delta, Finished, Notice, conversation_markdown
+from floe_app.session import ChatSession, Delta, Finished, Notice, Saved, conversation_markdown
 from floe_app.store import Store
 from floe_app.tui.screens.confirm import ConfirmScreen
 from floe_app.tui.screens.help import HelpScreen
@@ -58,10 +58,12 @@ class ModelState(Message):
 
 
 class ReplyProgress(Message):
-    def __init__(self, view: MessageView, event: Notice | Delta | Finished | Failed) -> None:
+    def __init__(self, view: MessageView, event: Saved | Notice | Delta | Finished | Failed,
+                 text: str = "") -> None:
         super().__init__()
         self.view = view
         self.event = event
+        self.text = text  # the user's message, given back to them if it was never saved
 
 
 class FloeApp(App[None]):
@@ -207,15 +209,17 @@ class FloeApp(App[None]):
             for event in self.session.reply(conversation_id, text, cancel):
                 self.post_message(ReplyProgress(view, event))
         except FloeError as exc:
-            self.post_message(ReplyProgress(view, Failed(str(exc))))
+            self.post_message(ReplyProgress(view, Failed(str(exc)), text))
         except Exception as exc:  # an engine bug must not take the chat down
-            self.post_message(ReplyProgress(view, Failed(f"unexpected error: {exc!r}")))
+            self.post_message(ReplyProgress(view, Failed(f"unexpected error: {exc!r}"), text))
 
     async def on_reply_progress(self, message: ReplyProgress) -> None:
         view, event = message.view, message.event
         chat = self.query_one(ChatView)
         shown = view.is_attached
-        if isinstance(event, Delta) and shown:
+        if isinstance(event, Saved):
+            view.saved_user_message = True
+        elif isinstance(event, Delta) and shown:
             await self._streams[view].write(event.text)
         elif isinstance(event, Notice) and shown:
             await chat.add_notice(event.text)
@@ -233,6 +237,11 @@ class FloeApp(App[None]):
             else:
                 view.set_status("error")
                 await chat.add_notice(f"**Could not reply:** {event.error}")
+                prompt = self.query_one(PromptInput)
+                if not view.saved_user_message and not prompt.text:
+                    prompt.text = message.text
+                    self.notify("Your message was not saved; it is back in the message box.",
+                                severity="warning")
             await self.refresh_sidebar()
 
     # Actions

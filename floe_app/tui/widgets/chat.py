@@ -21,6 +21,8 @@ class MessageView(Vertical):
         self.role = role
         self.content = content
         self.status = status
+        # For a reply: whether the message it answers reached the database.
+        self.saved_user_message = False
 
     def compose(self) -> ComposeResult:
         yield Label(self._heading(), classes="author")

@@ -1,0 +1,69 @@
+"""Shared fixtures: every test gets its own FLOE_HOME; the real bundled model is loaded once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from floe_app.config import Config
+from floe_app.engine.local import LocalEngine, bundled_model_path
+from floe_app.paths import Paths, resolve_paths
+from floe_app.session import ChatSession
+from floe_app.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def floe_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "floe-home"
+    monkeypatch.setenv("FLOE_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def paths(floe_home: Path) -> Paths:
+    return resolve_paths().ensure()
+
+
+@pytest.fixture
+def config() -> Config:
+    """Greedy and short, so replies are repeatable and tests quick."""
+    config = Config()
+    config.chat.temperature = 0.0
+    config.chat.max_tokens = 24
+    return config
+
+
+@pytest.fixture(scope="session")
+def engine() -> LocalEngine:
+    return LocalEngine.load(bundled_model_path(), context_tokens=2048)
+
+
+@pytest.fixture
+def store(paths: Paths) -> Store:
+    store = Store(paths.database)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def session(store: Store, config: Config, engine: LocalEngine) -> ChatSession:
+    """A session that shares the already loaded model (same model path and settings)."""
+    config.model.context_tokens = engine.n_ctx
+    session = ChatSession(store, config)
+    session._engine = engine
+    session._engine_key = session._wanted_engine_key()
+    return session
+
+
+def run_floe(*args: str, env_home: Path, input: str | None = None, timeout: float = 120,
+             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `floe` command in a subprocess, with its own FLOE_HOME."""
+    env = {**os.environ, "FLOE_HOME": str(env_home), **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "floe_app", *args], input=input,
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)

@@ -1,0 +1,207 @@
+"""The local engine against the real bundled SmolLM2 GGUF through llama-cpp-python."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from floe_app.engine import hardware
+from floe_app.engine.hardware import parse_cpuinfo
+from floe_app.engine.local import (
+    GenerationStats,
+    LocalEngine,
+    bundled_model_path,
+    llama_workarounds,
+    patched_model_params,
+)
+from floe_app.engine.sampling import Sampling
+from floe_app.errors import ModelError
+
+MESSAGES = [{"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "Name three colours."}]
+
+
+def test_bundled_model_is_found_offline():
+    path = bundled_model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90e6
+
+
+def test_chat_template_comes_from_the_gguf(engine):
+    prompt = engine.format_chat(MESSAGES)
+    assert prompt.startswith("<|im_start|>system\nYou are helpful.<|im_end|>")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    tokens = engine.chat_tokens(MESSAGES)
+    assert engine.detokenize(tokens[:1]) == "<|im_start|>" or tokens[0] == engine.tokenize(
+        "<|im_start|>")[0]
+
+
+def test_next_token_logprobs_are_a_distribution(engine):
+    lp = engine.next_token_logprobs(engine.chat_tokens(MESSAGES))
+    assert lp.shape == (engine.n_vocab,) == (49152,)
+    assert np.all(np.isfinite(lp)) and abs(np.exp(lp).sum() - 1) < 1e-6
+
+
+def test_prefix_cache_gives_the_same_distribution_as_a_fresh_evaluation(engine):
+    tokens = engine.chat_tokens(MESSAGES)
+    longer = tokens + engine.tokenize("Red, green", special=False)
+    first = engine.next_token_logprobs(longer)
+    engine.next_token_logprobs(tokens)  # a shorter prefix in between
+    again = engine.next_token_logprobs(longer)
+    np.testing.assert_allclose(first, again, atol=1e-4)
+
+
+def test_greedy_generation_streams_and_is_repeatable(engine):
+    tokens = engine.chat_tokens(MESSAGES)
+    runs = []
+    for _ in range(2):
+        stats = GenerationStats()
+        text = "".join(s.text for s in engine.generate(tokens, Sampling(temperature=0,
+                                                                        max_tokens=20),
+                                                       stats=stats))
+        runs.append(text)
+        assert 0 < stats.tokens <= 20 and stats.ttft_ms > 0
+        assert stats.finish_reason in ("stop", "length")
+    assert runs[0] == runs[1] and runs[0].strip()
+
+
+def test_generation_follows_the_distribution_it_reports(engine):
+    tokens = engine.chat_tokens(MESSAGES)
+    step = next(iter(engine.generate(tokens, Sampling(temperature=0, max_tokens=1))))
+    lp = engine.next_token_logprobs(tokens)
+    assert step.token == int(np.argmax(lp))
+    assert step.logprob == pytest.approx(float(lp.max()), abs=1e-4)
+
+
+def test_cancel_stops_generation(engine):
+    cancel = threading.Event()
+    stats = GenerationStats()
+    produced = 0
+    for _ in engine.generate(engine.chat_tokens(MESSAGES), Sampling(temperature=0,
+                                                                    max_tokens=200),
+                             cancel, stats):
+        produced += 1
+        if produced == 3:
+            cancel.set()
+    assert stats.finish_reason == "cancelled" and stats.tokens == 3
+
+
+def test_multibyte_text_is_never_split_inside_a_character(engine):
+    messages = [{"role": "user", "content": "Écris « café » en japonais : コーヒー 🙂"}]
+    pieces = [s.text for s in engine.generate(engine.chat_tokens(messages),
+                                              Sampling(temperature=0.9, seed=3,
+                                                       max_tokens=40))]
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_missing_model_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(ModelError, match="model file not found") as info:
+        LocalEngine.load(tmp_path / "nope.gguf")
+    assert "\n" not in str(info.value)
+
+
+def test_non_gguf_file_is_refused_before_llama_cpp_sees_it(tmp_path):
+    bogus = tmp_path / "notes.gguf"
+    bogus.write_text("not a model")
+    with pytest.raises(ModelError, match="not a GGUF model file"):
+        LocalEngine.load(bogus)
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    with bundled_model_path().open("rb") as fh:
+        truncated.write_bytes(fh.read(2_000_000))
+    with pytest.raises(ModelError, match="corrupt, truncated or not a supported model"):
+        LocalEngine.load(truncated)
+
+
+def test_cpuinfo_parsing_counts_physical_cores_and_sees_amx():
+    text = "\n".join(
+        f"processor\t: {i}\nmodel name\t: Intel Xeon\nphysical id\t: 0\ncore id\t\t: {i // 2}\n"
+        "flags\t\t: fpu avx2 avx512f amx_tile amx_int8\n" for i in range(4))
+    info = parse_cpuinfo(text, logical_cores=4)
+    assert info.physical_cores == 2 and info.has_amx
+    assert info.reported_flags() == ["avx2", "avx512f", "amx_tile", "amx_int8"]
+    assert not parse_cpuinfo("flags : avx2\n", 1).has_amx
+
+
+def test_amx_workaround_disables_extra_buffers_only_on_amx(monkeypatch):
+    import llama_cpp.llama_cpp as lib
+
+    def cpu(flags):
+        return hardware.CpuInfo("test", frozenset(flags), 2, 2)
+
+    monkeypatch.setattr("floe_app.engine.local.cpu_info", lambda: cpu({"avx2", "amx_tile"}))
+    assert llama_workarounds() and "AMX" in llama_workarounds()[0]
+    with patched_model_params():
+        assert lib.llama_model_default_params().use_extra_bufts is False
+    assert lib.llama_model_default_params().use_extra_bufts is True  # restored afterwards
+
+    monkeypatch.setattr("floe_app.engine.local.cpu_info", lambda: cpu({"avx2"}))
+    assert llama_workarounds() == []
+    with patched_model_params():
+        assert lib.llama_model_default_params().use_extra_bufts is True
+
+
+def test_load_reports_progress_and_works_with_the_amx_fix_forced(monkeypatch):
+    monkeypatch.setattr("floe_app.engine.local.cpu_info",
+                        lambda: hardware.CpuInfo("test", frozenset({"amx_tile"}), 2, 2))
+    seen = []
+    engine = LocalEngine.load(bundled_model_path(), context_tokens=512, progress=seen.append)
+    try:
+        assert seen and seen[-1] == pytest.approx(1.0) and seen == sorted(seen)
+        out = list(engine.generate(engine.chat_tokens(MESSAGES), Sampling(temperature=0,
+                                                                          max_tokens=4)))
+        assert out
+    finally:
+        engine.close()
+
+
+def test_removing_an_adapter_restores_the_base_distribution(engine):
+    tokens = engine.chat_tokens(MESSAGES)
+    before = engine.next_token_logprobs(tokens)
+    engine.set_adapter(None)
+    np.testing.assert_allclose(engine.next_token_logprobs(tokens), before, atol=1e-4)
+    assert engine.adapter_path is None
+
+
+def test_an_adapter_that_is_not_gguf_is_refused(engine, tmp_path):
+    bad = tmp_path / "adapter.gguf"
+    bad.write_bytes(b"junk")
+    with pytest.raises(ModelError):
+        engine.set_adapter(bad)
+    assert engine.adapter_path is None
+
+
+def write_random_lora(path, rank=4, seed=0):
+    """A small GGUF LoRA on every attention query of SmolLM2 (576 wide), as llama.cpp reads it."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    for block in range(30):
+        writer.add_tensor(f"blk.{block}.attn_q.weight.lora_a",
+                          rng.normal(0, 0.05, (rank, 576)).astype(np.float32))
+        writer.add_tensor(f"blk.{block}.attn_q.weight.lora_b",
+                          rng.normal(0, 0.05, (576, rank)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_lora_adapter_is_applied_and_removed_without_reloading(engine, tmp_path):
+    tokens = engine.chat_tokens(MESSAGES)
+    base = engine.next_token_logprobs(tokens)
+    adapter = write_random_lora(tmp_path / "lora.gguf")
+    engine.set_adapter(adapter)
+    try:
+        changed = engine.next_token_logprobs(tokens)
+        assert engine.adapter_path == adapter
+        assert np.abs(changed - base).max() > 1e-2
+    finally:
+        engine.set_adapter(None)
+    np.testing.assert_allclose(engine.next_token_logprobs(tokens), base, atol=1e-4)
