@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,7 +122,7 @@ def test_doctor_reports_model_cpu_paths_and_versions(home):
     assert report["paths"]["database"] == str(home / "data" / "floe.db")
     assert report["cpu"]["logical_cores"] >= 1 and report["threads"] >= 1
     assert report["packages"]["llama-cpp-python"].startswith("0.3")
-    amx = "amx" in open("/proc/cpuinfo").read()
+    amx = "amx" in Path("/proc/cpuinfo").read_text()
     assert bool(report["workarounds"]) == amx
     text = run_floe("doctor", env_home=home).stdout
     assert "Workarounds" in text and "Model" in text and "floe.db" in text
@@ -159,6 +160,7 @@ def test_history_list_show_search_export(home, tmp_path):
 @pytest.mark.slow
 def test_huge_paste_is_clipped_with_a_note_and_stored_whole(home):
     paste = ("Here is a long document. " * 5000)[:100_000]
+    (home / "config" / "config.toml").write_text(GREEDY + "[model]\ncontext_tokens = 1024\n")
     result = run_floe("ask", input=paste, env_home=home)
     assert result.returncode == 0, result.stderr
     assert "floe: note: Your message (100,000 characters" in result.stderr

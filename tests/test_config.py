@@ -5,7 +5,7 @@ from floe_app.paths import resolve_paths
 
 
 def test_first_run_writes_a_commented_default_file(paths):
-    config, warnings = load_config(paths)
+    _, warnings = load_config(paths)
     assert warnings == []
     text = paths.config_file.read_text()
     assert "# sampling temperature" in text
@@ -54,7 +54,7 @@ def test_saving_keeps_user_comments_and_unknown_keys(paths):
     assert tomllib.loads(text)["chat"]["max_tokens"] == 99
     reloaded, warnings = load_config(paths)
     assert reloaded.chat.max_tokens == 99 and reloaded.chat.temperature == 0.2
-    assert warnings == ["%s: unknown key chat.extra is ignored" % paths.config_file]
+    assert warnings == [f"{paths.config_file}: unknown key chat.extra is ignored"]
 
 
 def test_saving_over_a_broken_file_keeps_a_copy_of_it(paths):

@@ -75,11 +75,9 @@ def test_generation_follows_the_distribution_it_reports(engine):
 def test_cancel_stops_generation(engine):
     cancel = threading.Event()
     stats = GenerationStats()
-    produced = 0
-    for _ in engine.generate(engine.chat_tokens(MESSAGES), Sampling(temperature=0,
-                                                                    max_tokens=200),
-                             cancel, stats):
-        produced += 1
+    steps = engine.generate(engine.chat_tokens(MESSAGES), Sampling(temperature=0, max_tokens=200),
+                            cancel, stats)
+    for produced, _ in enumerate(steps, start=1):
         if produced == 3:
             cancel.set()
     assert stats.finish_reason == "cancelled" and stats.tokens == 3

@@ -111,8 +111,7 @@ def test_fit_prompt_drops_oldest_turns_first(engine):
 
 def test_clipping_keeps_the_beginning_and_the_end(engine):
     content = "BEGIN " + "filler words here " * 2000 + " END?"
-    tokens, notices = fit_prompt(engine, [], [], {"role": "user", "content": content},
-                                 budget=300)
+    tokens, _ = fit_prompt(engine, [], [], {"role": "user", "content": content}, budget=300)
     text = engine.detokenize(tokens)
     assert len(tokens) <= 300 and "BEGIN" in text and "END?" in text
     assert "characters left out to fit the context window" in text

@@ -45,7 +45,8 @@ MIGRATIONS: list[tuple[str, Migration]] = [
 ]
 
 
-def apply_migrations(db: Database, migrations: list[tuple[str, Migration]] = MIGRATIONS) -> list[str]:
+def apply_migrations(db: Database,
+                     migrations: list[tuple[str, Migration]] = MIGRATIONS) -> list[str]:
     """Apply the migrations not yet recorded; returns the names applied now."""
     table = db["_migrations"]
     if not table.exists():

@@ -19,8 +19,8 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input, ListView
-from textual.widgets.markdown import MarkdownStream
 from textual.widgets import Markdown as MarkdownWidget
+from textual.widgets.markdown import MarkdownStream
 
 from floe_app.config import Config, write_config
 from floe_app.errors import FloeError
@@ -177,7 +177,10 @@ class FloeApp(App[None]):
 
     async def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "search":
-            self.query_one(Sidebar).list_view.focus()
+            hits = self.query_one(Sidebar).list_view
+            if hits.index is None and hits.children:
+                hits.index = 0
+            hits.focus()
 
     # Sending and streaming
 
@@ -222,8 +225,7 @@ class FloeApp(App[None]):
         elif isinstance(event, Delta) and shown:
             await self._streams[view].write(event.text)
         elif isinstance(event, Notice) and shown:
-            await chat.add_notice(event.text)
-            await chat.move_child(chat.children[-1], before=view)
+            await chat.add_notice(event.text, before=view)
         elif isinstance(event, Finished | Failed):
             self.generating = False
             stream = self._streams.pop(view, None)

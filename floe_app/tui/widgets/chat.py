@@ -56,12 +56,12 @@ class ChatView(VerticalScroll):
         await self.mount_all(MessageView(m.role, m.content, m.status) for m in messages)
         self.anchor()
 
-    async def add_message(self, role: str, content: str = "",
-                          status: str = "complete") -> MessageView:
+    async def add_message(self, role: str, content: str = "", status: str = "complete",
+                          before: MessageView | None = None) -> MessageView:
         view = MessageView(role, content, status)
-        await self.mount(view)
+        await self.mount(view, before=before)
         self.anchor()
         return view
 
-    async def add_notice(self, text: str) -> MessageView:
-        return await self.add_message("notice", text)
+    async def add_notice(self, text: str, before: MessageView | None = None) -> MessageView:
+        return await self.add_message("notice", text, before=before)

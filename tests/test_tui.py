@@ -1,0 +1,285 @@
+"""The Textual app driven with Pilot, on the real model and a real SQLite file."""
+
+import os
+
+import pytest
+from textual import events
+from textual.app import App
+
+from floe_app.config import Config, load_config
+from floe_app.store import Store
+from floe_app.tui.app import FloeApp
+from floe_app.tui.screens.confirm import ConfirmScreen
+from floe_app.tui.screens.help import HelpScreen
+from floe_app.tui.screens.rename import RenameScreen
+from floe_app.tui.screens.settings import SettingsScreen
+from floe_app.tui.widgets.chat import MessageView
+from floe_app.tui.widgets.prompt import PromptInput
+from floe_app.tui.widgets.sidebar import ConversationItem
+from floe_app.tui.widgets.status import StatusBar
+
+SIZE = (110, 36)
+
+
+async def wait_until(pilot, predicate, timeout=60.0):
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def send(pilot, app, text):
+    prompt = app.query_one(PromptInput)
+    prompt.text = text
+    await pilot.press("enter")
+    await pilot.pause()
+    await wait_until(pilot, lambda: not app.generating)
+
+
+def make_app(paths, config, tmp_path, **kwargs):
+    return FloeApp(paths, config, export_dir=tmp_path, **kwargs)
+
+
+@pytest.mark.slow
+async def test_typing_a_message_streams_a_reply_into_the_view_and_the_store(paths, config,
+                                                                           tmp_path):
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press(*"Hi", "ctrl+j", *"there")
+        assert app.query_one(PromptInput).text == "Hi\nthere"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.generating or app.store.messages(app.conversation_id)
+        await wait_until(pilot, lambda: not app.generating)
+        messages = app.store.messages(app.conversation_id)
+        assert [(m.role, m.status) for m in messages] == [("user", "complete"),
+                                                          ("assistant", "complete")]
+        assert messages[0].content == "Hi\nthere"
+        views = list(app.query(MessageView))
+        assert [v.role for v in views] == ["user", "assistant"]
+        assert views[1].body.source.strip() == messages[1].content.strip() != ""
+        status = app.query_one(StatusBar)
+        assert status.model == "SmolLM2-135M-Instruct.Q4_1"
+        assert "tok/s" in status.render() and status.last_stats["tokens"] > 0
+        assert app.query_one(PromptInput).text == ""
+        items = list(app.query(ConversationItem))
+        assert [i.conversation.title for i in items] == ["Hi"]
+
+
+async def test_empty_message_sends_nothing(paths, config, tmp_path):
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("space", "enter")
+        await pilot.pause()
+        assert not app.generating and app.store.conversations() == []
+        assert any("Type a message first" in n.message for n in app._notifications)
+
+
+@pytest.mark.slow
+async def test_a_huge_paste_is_clipped_with_a_visible_notice(paths, config, tmp_path):
+    config.model.context_tokens = 1024  # reading a full 4k window takes ~20 s on 2 cores
+    app = make_app(paths, config, tmp_path)
+    paste = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit.\n" * 1800)[:100_000]
+    async with app.run_test(size=SIZE) as pilot:
+        prompt = app.query_one(PromptInput)
+        app.post_message(events.Paste(paste))  # as a terminal delivers it
+        await pilot.pause()
+        assert prompt.text == paste
+        await pilot.press("enter")
+        await pilot.pause()
+        await wait_until(pilot, lambda: not app.generating)
+        notices = [v for v in app.query(MessageView) if v.role == "notice"]
+        assert len(notices) == 1 and "100,000 characters" in notices[0].content
+        assert "1,024-token context window" in notices[0].content
+        assert app.store.messages(app.conversation_id)[0].content == paste
+
+
+@pytest.mark.slow
+async def test_escape_stops_the_reply_and_keeps_what_was_written(paths, config, tmp_path):
+    config.chat.max_tokens = 400
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "Tell me a long story about a lighthouse."
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any(
+            m.content for m in app.store.messages(app.conversation_id)
+            if m.role == "assistant") or not app.generating)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.generating)
+        reply = app.store.messages(app.conversation_id)[-1]
+        assert reply.status == "stopped" and reply.stats["tokens"] < 400
+        assert list(app.query(MessageView))[-1].status == "stopped"
+
+
+@pytest.mark.slow
+async def test_new_rename_search_and_delete_conversations(paths, config, tmp_path):
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "Penguins live in Antarctica")
+        first = app.conversation_id
+        await pilot.press("ctrl+n")
+        assert app.conversation_id is None and not list(app.query(MessageView))
+        await send(pilot, app, "Cactus care tips")
+        second = app.conversation_id
+        assert second != first
+
+        await pilot.press("ctrl+r")
+        assert isinstance(app.screen, RenameScreen)
+        rename_input = app.screen.query_one("#title")
+        rename_input.value = "Desert plants"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.store.conversation(second).title == "Desert plants"
+
+        await pilot.press("ctrl+f")
+        await pilot.press(*"antarctica")
+        await pilot.pause()
+        titles = [i.conversation.title for i in app.query(ConversationItem)]
+        assert titles == ["Penguins live in Antarctica"]
+        await pilot.press("enter")  # focus the list, then open the hit
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.conversation_id == first
+
+        await pilot.press("f8")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")  # cancel keeps it
+        assert app.store.conversation(first) is not None
+        await pilot.press("f8")
+        await pilot.click("#yes")
+        await pilot.pause()
+        assert app.store.conversation(first) is None
+        assert app.conversation_id == second
+
+
+@pytest.mark.slow
+async def test_copy_and_export_the_conversation(paths, config, tmp_path):
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "Name a fruit")
+        reply = app.store.messages(app.conversation_id)[-1].content
+        await pilot.press("f5")
+        assert app.clipboard == reply
+        await pilot.press("ctrl+s")
+        exported = (tmp_path / f"floe-{app.conversation_id}.md").read_text()
+        assert exported.startswith("# Name a fruit") and reply in exported
+
+
+async def test_missing_model_is_shown_and_the_message_is_kept(paths, config, tmp_path):
+    app = make_app(paths, config, tmp_path, model_override=str(tmp_path / "gone.gguf"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "model error" in app.query_one(StatusBar).state)
+        await send(pilot, app, "hello?")
+        notices = [v.content for v in app.query(MessageView) if v.role == "notice"]
+        assert notices and "model file not found" in notices[0]
+        assert app.store.messages(app.conversation_id)[0].content == "hello?"
+
+
+async def test_an_unsaved_message_goes_back_into_the_box(paths, config, tmp_path):
+    import sqlite3
+
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        cid = app.session.new_conversation()
+        await app.open_conversation(cid)
+        app.store.busy_timeout_s = 0.2
+        app.store.db.conn.execute("PRAGMA busy_timeout = 200")
+        blocker = sqlite3.connect(paths.database)
+        blocker.execute("begin immediate")
+        try:
+            await send(pilot, app, "do not lose me")
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert app.query_one(PromptInput).text == "do not lose me"
+        assert app.store.messages(cid) == []
+
+
+async def test_an_interrupted_reply_is_shown_as_interrupted(paths, config, tmp_path):
+    store = Store(paths.database)
+    cid = store.create_conversation("Earlier")
+    store.add_message(cid, "user", "question")
+    reply = store.add_message(cid, "assistant", "half an answ", status="streaming")
+    store.db["messages"].update(reply, {"writer_pid": 2**22 + 12345})  # no such process
+    store.close()
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app.interrupted == 1
+        views = list(app.query(MessageView))
+        assert views[-1].status == "interrupted" and views[-1].content == "half an answ"
+        assert "interrupted" in str(views[-1].query_one(".author").render())
+
+
+async def test_help_lists_every_key_and_palette_has_every_action(paths, config, tmp_path):
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        described = [action for _, action in app.screen.keys]
+        for binding in FloeApp.BINDINGS:
+            assert binding.description in described
+        assert "Send the message" in described
+        await pilot.press("escape")
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {b.description for b in FloeApp.BINDINGS} <= titles
+
+
+async def test_settings_saved_from_the_app_reach_the_file_and_the_session(paths, config,
+                                                                          tmp_path):
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        assert isinstance(app.screen, SettingsScreen)
+        app.screen.query_one("#chat-max_tokens").value = "77"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert not isinstance(app.screen, SettingsScreen)
+        assert app.session.config.chat.max_tokens == 77
+        assert load_config(paths)[0].chat.max_tokens == 77
+
+
+class SettingsHost(App):
+    """A tiny app that opens only the settings screen."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.result = "unset"
+
+    def on_mount(self):
+        self.push_screen(SettingsScreen(self.config), lambda r: setattr(self, "result", r))
+
+
+async def test_settings_screen_refuses_bad_values_and_names_what_is_allowed():
+    host = SettingsHost(Config())
+    async with host.run_test(size=SIZE) as pilot:
+        screen = host.screen
+        screen.query_one("#chat-temperature").value = "very hot"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert host.screen is screen and host.result == "unset"
+        error = str(screen.query_one("#error").render())
+        assert "chat.temperature: expected a number from 0 to 2" in error
+        screen.query_one("#chat-temperature").value = "0.3"
+        screen.query_one("#model-threads").value = "3"
+        system = screen.query_one("#chat-system_prompt")
+        system.text = "Answer like a pirate."
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    assert host.result.chat.temperature == 0.3 and host.result.model.threads == 3
+    assert host.result.chat.system_prompt == "Answer like a pirate."
+
+
+async def test_settings_screen_cancel_changes_nothing():
+    host = SettingsHost(Config())
+    async with host.run_test(size=SIZE) as pilot:
+        host.screen.query_one("#chat-max_tokens").value = "5"
+        await pilot.press("escape")
+        await pilot.pause()
+    assert host.result is None
+
+
+def test_floe_home_is_isolated(floe_home):
+    assert os.environ["FLOE_HOME"] == str(floe_home)
