@@ -301,4 +301,9 @@ class LocalEngine:
                 raise ModelError(f"llama.cpp could not apply the adapter {path}")
             self._adapter_handle = handle
             self.adapter_path = path
-            self._llm.n_tokens = 0  # cached keys and values were computed without it
+            self.clear_cache()  # cached keys and values were computed without it
+
+    def clear_cache(self) -> None:
+        """Forget the evaluated prefix, so the next prompt is read from scratch."""
+        with self.lock:
+            self._llm.n_tokens = 0
