@@ -33,8 +33,10 @@ def test_a_new_migration_is_applied_on_top_of_existing_data(paths):
 def test_conversations_messages_and_order(store):
     first = store.create_conversation("first")
     second = store.create_conversation("second")
+    time.sleep(0.002)  # timestamps have millisecond resolution
     store.add_message(first, "user", "hello")
     assert [c.id for c in store.conversations()] == [first, second]
+    time.sleep(0.002)
     store.rename_conversation(second, "renamed")
     assert store.conversations()[0].title == "renamed"
     reply = store.add_message(first, "assistant", "", status="streaming", model="m", mode="local")
