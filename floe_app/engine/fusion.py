@@ -16,7 +16,7 @@ import numpy as np
 # A candidate meaning "the cloud ended its reply here"; supports the SLM's end tokens.
 END = b"\x00<end>"
 # The least probability left outside the cloud's top-k, so that no SLM token gets zero.
-MIN_REST = 1e-6
+MIN_REST = 1e-9
 
 
 @dataclass(frozen=True)
