@@ -78,12 +78,109 @@ class ChatSettings:
         metadata=_rule("a whole number (-1 = random)", lambda v: v >= -1,
                        "sampling seed, for reproducible replies"),
     )
+    mode: str = field(
+        default="auto",
+        metadata=_rule('"auto", "local", "cloud" or "fused"',
+                       lambda v: v in ("auto", "local", "cloud", "fused"),
+                       "default reply mode; auto is fused when a cloud is set, else local"),
+    )
+
+
+@dataclass
+class CloudSettings:
+    base_url: str = field(
+        default="",
+        metadata=_rule("an http(s) URL ending in /v1, or \"\" for none",
+                       lambda v: v == "" or v.startswith(("http://", "https://")),
+                       "OpenAI-compatible endpoint (env FLOE_CLOUD_BASE_URL wins)"),
+    )
+    model: str = field(
+        default="",
+        metadata=_rule("a model name the endpoint serves", lambda v: True,
+                       "cloud model (env FLOE_CLOUD_MODEL wins)"),
+    )
+    api: str = field(
+        default="completions",
+        metadata=_rule('"completions" or "chat"', lambda v: v in ("completions", "chat"),
+                       "which endpoint to stream from: /v1/completions or /v1/chat/completions"),
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata=_rule("an environment variable name", lambda v: v.replace("_", "").isalnum(),
+                       "environment variable holding the API key (the key is never stored)"),
+    )
+    top_logprobs: int = field(
+        default=20,
+        metadata=_rule("a whole number from 1 to 20", lambda v: 1 <= v <= 20,
+                       "alternatives per cloud token (OpenAI allows at most 20, 5 on completions)"),
+    )
+    timeout_s: float = field(
+        default=15.0,
+        metadata=_rule("a number from 1 to 300", lambda v: 1 <= v <= 300,
+                       "seconds before a silent cloud request is abandoned"),
+    )
+
+
+@dataclass
+class FusionSettings:
+    deadline_ms: int = field(
+        default=120,
+        metadata=_rule("a whole number from 5 to 5000", lambda v: 5 <= v <= 5000,
+                       "longest wait for the cloud at one token; then the local token goes alone"),
+    )
+    form: str = field(
+        default="log_linear",
+        metadata=_rule('"log_linear" or "proxy"', lambda v: v in ("log_linear", "proxy"),
+                       "how distributions combine: weighted log-linear, or proxy-tuning"),
+    )
+    lambda_min: float = field(
+        default=0.2,
+        metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
+                       "cloud weight where the local model is sure"),
+    )
+    lambda_max: float = field(
+        default=0.8,
+        metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
+                       "cloud weight where the local model is unsure"),
+    )
+    beta: float = field(
+        default=1.0,
+        metadata=_rule("a number from 0 to 4", lambda v: 0 <= v <= 4,
+                       "proxy form: strength of the local adaptation on top of the cloud"),
+    )
+    max_misses: int = field(
+        default=8,
+        metadata=_rule("a whole number from 1 to 1000", lambda v: 1 <= v <= 1000,
+                       "tokens in a row without the cloud before the reply goes local-only"),
+    )
+    max_restarts: int = field(
+        default=24,
+        metadata=_rule("a whole number from 0 to 1000", lambda v: 0 <= v <= 1000,
+                       "cloud requests restarted in one reply before it goes local-only"),
+    )
+
+
+@dataclass
+class PrivacySettings:
+    local_only: bool = field(
+        default=False,
+        metadata=_rule("true or false", lambda v: True,
+                       "true: nothing is ever sent to a cloud, whatever else is set"),
+    )
+    redact_terms: list = field(
+        default_factory=list,
+        metadata=_rule("a list of strings", lambda v: all(isinstance(t, str) for t in v),
+                       "words and names replaced by placeholders before anything is sent"),
+    )
 
 
 @dataclass
 class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
+    cloud: CloudSettings = field(default_factory=CloudSettings)
+    fusion: FusionSettings = field(default_factory=FusionSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
 
 @dataclass(frozen=True)
@@ -119,7 +216,7 @@ def setting_specs() -> list[SettingSpec]:
     specs = []
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
-            default = f.default
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             specs.append(SettingSpec(section.name, f.name, type(default), default,
                                      f.metadata["allowed"], f.metadata["check"],
                                      f.metadata["doc"]))

@@ -7,15 +7,26 @@ writes the reply to the database while it streams.
 
 from __future__ import annotations
 
+import codecs
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from floe_app.config import Config
+from floe_app.engine.cloud import (
+    CANCELLED,
+    OK,
+    CloudClient,
+    CloudTarget,
+    LedgerEntry,
+    Recorder,
+)
+from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats
 from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback, resolve_model_path
+from floe_app.engine.redact import Redactor, Restorer
 from floe_app.engine.sampling import Sampling
 from floe_app.errors import FloeError
 from floe_app.store import Conversation, Message, Store
@@ -71,10 +82,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+@dataclass
+class FittedPrompt:
+    messages: list[dict[str, str]]  # what the model sees (the cloud gets the same, redacted)
+    tokens: list[int]
+    notices: list[str]
+
+
 def fit_prompt(engine: LocalEngine, system: list[dict[str, str]],
                history: list[dict[str, str]], user: dict[str, str],
-               budget: int) -> tuple[list[int], list[str]]:
-    """Tokens of the prompt within `budget`: drop the oldest turns, then clip the message.
+               budget: int) -> FittedPrompt:
+    """The prompt within `budget` tokens: drop the oldest turns, then clip the message.
 
     A message too long on its own keeps its beginning and its end (a pasted document's
     question is usually at one of them), with a marker saying how much was left out.
@@ -89,7 +107,7 @@ def fit_prompt(engine: LocalEngine, system: list[dict[str, str]],
         notices.append(f"{len(history) - len(kept)} earlier messages were left out of the"
                        f" model's view to fit its {engine.n_ctx:,}-token context window.")
     if len(tokens) <= budget:
-        return tokens, notices
+        return FittedPrompt([*system, *kept, user], tokens, notices)
     content = user["content"]
     body = engine.tokenize(content, special=False)
     overhead = len(tokens) - len(body)
@@ -109,7 +127,7 @@ def fit_prompt(engine: LocalEngine, system: list[dict[str, str]],
                 f" than the model's {engine.n_ctx:,}-token context window: it sees the"
                 f" beginning and the end, {left_out:,} characters in the middle are left out."
                 " The full text is saved.")
-            return tokens, notices
+            return FittedPrompt([*system, clipped], tokens, notices)
         room -= max(8, (len(tokens) - budget) * 2)  # token boundaries shift when re-split
     raise FloeError(f"the system prompt alone does not fit the {engine.n_ctx}-token context"
                     " window; shorten chat.system_prompt or raise model.context_tokens")
@@ -118,10 +136,12 @@ def fit_prompt(engine: LocalEngine, system: list[dict[str, str]],
 class ChatSession:
     """One user's chat state: the store, the settings and the (lazily loaded) local model."""
 
-    def __init__(self, store: Store, config: Config, model_override: str | None = None) -> None:
+    def __init__(self, store: Store, config: Config, model_override: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.store = store
         self.config = config
         self.model_override = model_override
+        self.env = env  # None: the process environment (FLOE_CLOUD_*, the API key)
         self._engine: LocalEngine | None = None
         self._engine_key: tuple[Any, ...] | None = None
         self._engine_lock = threading.Lock()
@@ -160,14 +180,46 @@ class ChatSession:
         return Sampling(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                         max_tokens=c.max_tokens, seed=c.seed)
 
+    # The cloud
+
+    def cloud_target(self) -> CloudTarget | None:
+        """The configured cloud, or None when there is none or local-only is on."""
+        if self.config.privacy.local_only:
+            return None
+        return CloudTarget.from_settings(self.config.cloud, self.env)
+
+    def resolve_mode(self, requested: str | None,
+                     conversation: Conversation | None = None) -> tuple[str, str | None]:
+        """The mode a reply will use, and a notice when it cannot be the one asked for."""
+        wanted = requested or (conversation.mode if conversation else None) \
+            or self.config.chat.mode
+        has_cloud = self.cloud_target() is not None
+        if wanted == "auto":
+            return ("fused" if has_cloud else "local"), None
+        if wanted in ("cloud", "fused") and not has_cloud:
+            why = ("local-only is on" if self.config.privacy.local_only else
+                   "no cloud is configured (cloud.base_url and cloud.model in settings,"
+                   " or FLOE_CLOUD_BASE_URL and FLOE_CLOUD_MODEL)")
+            return "local", f"Replying locally: {why}."
+        return wanted, None
+
+    def _ledger_recorder(self, conversation_id: int, purpose: str) -> Recorder:
+        def record(entry: LedgerEntry) -> Callable[[LedgerEntry], None]:
+            ledger_id = self.store.record_request(
+                endpoint=entry.endpoint, model=entry.model, text_sent=entry.text_sent,
+                bytes_sent=entry.bytes_sent, conversation_id=conversation_id, purpose=purpose)
+            return lambda done: self.store.finish_request(
+                ledger_id, bytes_received=done.bytes_received, outcome=done.outcome)
+        return record
+
     # Conversations
 
     def new_conversation(self) -> int:
         return self.store.create_conversation(DEFAULT_TITLE)
 
-    def reply(self, conversation_id: int, text: str,
-              cancel: threading.Event | None = None) -> Iterator[ReplyEvent]:
-        """Store the user's message, then stream and store the model's reply."""
+    def reply(self, conversation_id: int, text: str, cancel: threading.Event | None = None,
+              mode: str | None = None) -> Iterator[ReplyEvent]:
+        """Store the user's message, then stream and store the reply in the chosen mode."""
         if not text.strip():
             raise FloeError("the message is empty: type something to send")
         conversation = self.store.conversation(conversation_id)
@@ -177,59 +229,160 @@ class ChatSession:
         yield Saved(self.store.add_message(conversation_id, "user", text))
         if conversation.title == DEFAULT_TITLE and not history:
             self.store.rename_conversation(conversation_id, title_from(text))
+        mode, mode_notice = self.resolve_mode(mode, conversation)
+        if mode_notice:
+            yield Notice(mode_notice)
         engine = self.engine()
         sampling = self.sampling()
         system = [{"role": "system", "content": self.config.chat.system_prompt}]
         past = [{"role": m.role, "content": m.content} for m in history
                 if m.role in ("user", "assistant") and m.content]
         reserve = min(sampling.max_tokens, engine.n_ctx // 2)
-        tokens, notices = fit_prompt(engine, system, past, {"role": "user", "content": text},
-                                     engine.n_ctx - reserve)
-        for notice in notices:
+        prompt = fit_prompt(engine, system, past, {"role": "user", "content": text},
+                            engine.n_ctx - reserve)
+        for notice in prompt.notices:
             yield Notice(notice)
-        yield from self._stream_reply(conversation_id, engine, tokens, sampling, cancel,
-                                      clipped=bool(notices))
-
-    def _stream_reply(self, conversation_id: int, engine: LocalEngine, tokens: list[int],
-                      sampling: Sampling, cancel: threading.Event | None,
-                      clipped: bool) -> Iterator[ReplyEvent]:
-        reply_id = self.store.add_message(conversation_id, "assistant", "", status="streaming",
-                                          model=engine.name, mode="local")
-        parts: list[str] = []
         stats = GenerationStats()
+        run = ReplyRun(mode=mode, stats=stats, clipped=bool(prompt.notices))
+        if mode == "local":
+            pieces: Iterator[str | Notice] = (
+                step.text for step in engine.generate(prompt.tokens, sampling, cancel, stats))
+        else:
+            target = self.cloud_target()
+            assert target is not None
+            run.redactor = Redactor(terms=list(self.config.privacy.redact_terms))
+            cloud_messages = [{"role": m["role"], "content": run.redactor.redact(m["content"])}
+                              for m in prompt.messages]
+            client = CloudClient(target, self._ledger_recorder(conversation_id, mode),
+                                 max_tokens=sampling.max_tokens)
+            run.fusion = FusionStats()
+            pieces = (self._fused_pieces if mode == "fused" else self._cloud_pieces)(
+                engine, client, cloud_messages, run, prompt.tokens, sampling, cancel)
+        yield from self._write_reply(conversation_id, engine.name, pieces, run)
+
+    def _fused_pieces(self, engine: LocalEngine, client: CloudClient,
+                      cloud_messages: list[dict[str, str]], run: ReplyRun, tokens: list[int],
+                      sampling: Sampling, cancel: threading.Event | None
+                      ) -> Iterator[str | Notice]:
+        assert run.redactor is not None and run.fusion is not None
+        chooser = FusedChooser(engine.vocabulary(), client, cloud_messages, run.redactor,
+                               self.config.fusion, sampling, run.fusion)
+        shown = 0
+        try:
+            for step in engine.generate(tokens, sampling, cancel, run.stats, chooser):
+                while shown < len(chooser.notices):
+                    yield Notice(chooser.notices[shown])
+                    shown += 1
+                yield step.text
+        finally:
+            chooser.close()
+
+    def _cloud_pieces(self, engine: LocalEngine, client: CloudClient,
+                      cloud_messages: list[dict[str, str]], run: ReplyRun, tokens: list[int],
+                      sampling: Sampling, cancel: threading.Event | None
+                      ) -> Iterator[str | Notice]:
+        """The cloud's own text; if it fails, the local model finishes the reply."""
+        assert run.fusion is not None
+        stats = run.stats
+        stream = client.stream(cloud_messages, "")
+        run.fusion.requests += 1
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        started = last = time.perf_counter()
+        try:
+            for token in stream.follow(cancel):
+                now = time.perf_counter()
+                if stats.tokens == 0:
+                    stats.ttft_ms = (now - started) * 1000
+                else:
+                    stats.gaps_ms.append((now - last) * 1000)
+                last = now
+                stats.tokens += 1
+                yield decoder.decode(token.text)
+        finally:
+            stream.cancel()
+            stream.wait_until(lambda: stream.done, 1.0)
+            if stream.entry is not None:
+                run.fusion.bytes_sent += stream.entry.bytes_sent
+                run.fusion.bytes_received += stream.entry.bytes_received
+        if stats.gaps_ms:
+            stats.tokens_per_s = len(stats.gaps_ms) / (sum(stats.gaps_ms) / 1000)
+        if cancel is not None and cancel.is_set():
+            stats.finish_reason = "cancelled"
+            return
+        if stream.outcome in (OK, CANCELLED):
+            stats.finish_reason = "stop" if stream.finished else "length"
+            return
+        reason = FAILURE_TEXT.get(stream.outcome, stream.outcome)
+        run.fusion.breaker = reason
+        yield Notice(f"Cloud failed ({reason}); the local model "
+                     + ("finishes this reply." if stream.text else "answers instead."))
+        partial = stream.text.decode("utf-8", errors="ignore")
+        continuation = tokens + (engine.tokenize(partial, special=False) if partial else [])
+        for step in engine.generate(continuation, sampling, cancel, stats):
+            yield step.text
+
+    def _write_reply(self, conversation_id: int, model: str, pieces: Iterator[str | Notice],
+                     run: ReplyRun) -> Iterator[ReplyEvent]:
+        """Stream the reply to the caller and the database; restore redacted values."""
+        reply_id = self.store.add_message(conversation_id, "assistant", "", status="streaming",
+                                          model=model, mode=run.mode)
+        restorer = Restorer(run.redactor) if run.redactor is not None else None
+        parts: list[str] = []
         last_flush = time.monotonic()
         status = "error"
         try:
-            for step in engine.generate(tokens, sampling, cancel, stats):
-                if not step.text:
+            for piece in pieces:
+                if isinstance(piece, Notice):
+                    yield piece
                     continue
-                parts.append(step.text)
-                yield Delta(step.text)
+                text = restorer.feed(piece) if restorer else piece
+                if not text:
+                    continue
+                parts.append(text)
+                yield Delta(text)
                 if time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
                     self.store.update_message(reply_id, content="".join(parts))
                     last_flush = time.monotonic()
-            status = "stopped" if stats.finish_reason == "cancelled" else "complete"
-        except GeneratorExit:
+            tail = restorer.flush() if restorer else ""
+            if tail:
+                parts.append(tail)
+                yield Delta(tail)
+            status = "stopped" if run.stats.finish_reason == "cancelled" else "complete"
+        except (GeneratorExit, KeyboardInterrupt):
             status = "stopped"
             raise
         finally:
-            summary = reply_stats(stats, mode="local", clipped=clipped)
+            summary = run.summary()
             self.store.update_message(reply_id, content="".join(parts), status=status,
                                       stats=summary)
         yield Finished(reply_id, "".join(parts), status, summary)
 
 
-def reply_stats(stats: GenerationStats, *, mode: str, clipped: bool) -> dict[str, Any]:
-    return {
-        "mode": mode,
-        "ttft_ms": round(stats.ttft_ms, 1),
-        "tokens": stats.tokens,
-        "tokens_per_s": round(stats.tokens_per_s, 1),
-        "p95_gap_ms": round(percentile(stats.gaps_ms, 95), 1),
-        "prompt_tokens": stats.prompt_tokens,
-        "finish_reason": stats.finish_reason,
-        "clipped": clipped,
-    }
+@dataclass
+class ReplyRun:
+    """What one reply needs besides its text: mode, timing, redaction, cloud counters."""
+
+    mode: str
+    stats: GenerationStats
+    clipped: bool = False
+    redactor: Redactor | None = None
+    fusion: FusionStats | None = None
+
+    def summary(self) -> dict[str, Any]:
+        stats = self.stats
+        summary: dict[str, Any] = {
+            "mode": self.mode,
+            "ttft_ms": round(stats.ttft_ms, 1),
+            "tokens": stats.tokens,
+            "tokens_per_s": round(stats.tokens_per_s, 1),
+            "p95_gap_ms": round(percentile(stats.gaps_ms, 95), 1),
+            "prompt_tokens": stats.prompt_tokens,
+            "finish_reason": stats.finish_reason,
+            "clipped": self.clipped,
+        }
+        if self.fusion is not None:
+            summary["cloud"] = self.fusion.summary()
+        return summary
 
 
 def conversation_markdown(conversation: Conversation, messages: list[Message]) -> str:

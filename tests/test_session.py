@@ -100,18 +100,20 @@ def test_fit_prompt_drops_oldest_turns_first(engine):
     history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 60}
                for i in range(12)]
     user = {"role": "user", "content": "last question"}
-    tokens, notices = fit_prompt(engine, system, history, user, budget=700)
+    fitted = fit_prompt(engine, system, history, user, budget=700)
+    tokens, notices = fitted.tokens, fitted.notices
     text = engine.detokenize(tokens)
+    assert fitted.messages[0] == system[0] and fitted.messages[-1] == user
     assert len(tokens) <= 700 and "last question" in text and "turn 11" in text
     assert "turn 0 " not in text
     assert notices and "earlier messages were left out" in notices[0]
-    whole, none = fit_prompt(engine, system, history[:2], user, budget=2000)
-    assert none == [] and "turn 0" in engine.detokenize(whole)
+    whole = fit_prompt(engine, system, history[:2], user, budget=2000)
+    assert whole.notices == [] and "turn 0" in engine.detokenize(whole.tokens)
 
 
 def test_clipping_keeps_the_beginning_and_the_end(engine):
     content = "BEGIN " + "filler words here " * 2000 + " END?"
-    tokens, _ = fit_prompt(engine, [], [], {"role": "user", "content": content}, budget=300)
+    tokens = fit_prompt(engine, [], [], {"role": "user", "content": content}, budget=300).tokens
     text = engine.detokenize(tokens)
     assert len(tokens) <= 300 and "BEGIN" in text and "END?" in text
     assert "characters left out to fit the context window" in text

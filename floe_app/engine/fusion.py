@@ -156,6 +156,6 @@ def fuse_log_linear(slm_logprobs: np.ndarray, cloud_logprobs: np.ndarray,
 
 def fuse_proxy_tuning(cloud_logprobs: np.ndarray, tuned_logprobs: np.ndarray,
                       base_logprobs: np.ndarray, beta: float) -> np.ndarray:
-    """log q_cloud + β·(log p_tuned − log p_base): the cloud, steered by what the user's own
+    """log q_cloud + β·(log p_tuned - log p_base): the cloud, steered by what the user's own
     adaptation (adapter or private context) changes in the SLM."""
     return _normalize(cloud_logprobs + beta * (tuned_logprobs - base_logprobs))

@@ -1,5 +1,5 @@
 """Floe's SQLite database: conversations, messages, full-text search."""
 
-from floe_app.store.db import Conversation, Message, SearchHit, Store
+from floe_app.store.db import Conversation, LedgerRow, Message, SearchHit, Store
 
-__all__ = ["Conversation", "Message", "SearchHit", "Store"]
+__all__ = ["Conversation", "LedgerRow", "Message", "SearchHit", "Store"]

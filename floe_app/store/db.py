@@ -37,7 +37,23 @@ class Conversation:
     title: str
     created_at: str
     updated_at: str
+    mode: str | None = None
     message_count: int = 0
+
+
+@dataclass
+class LedgerRow:
+    id: int
+    created_at: str
+    finished_at: str | None
+    endpoint: str
+    model: str | None
+    conversation_id: int | None
+    purpose: str | None
+    text_sent: str
+    bytes_sent: int
+    bytes_received: int | None
+    outcome: str | None
 
 
 @dataclass
@@ -162,6 +178,10 @@ class Store:
                 conversation_id, {"title": title, "updated_at": now_iso()}
             )
 
+    def set_conversation_mode(self, conversation_id: int, mode: str | None) -> None:
+        with self._write():
+            self.db["conversations"].update(conversation_id, {"mode": mode})
+
     def delete_conversation(self, conversation_id: int) -> None:
         with self._write():
             self.db["messages"].delete_where("conversation_id = ?", [conversation_id])
@@ -221,6 +241,30 @@ class Store:
         for message_id in dead:
             self.update_message(message_id, status="interrupted")
         return len(dead)
+
+    # Privacy ledger
+
+    def record_request(self, *, endpoint: str, model: str, text_sent: str, bytes_sent: int,
+                       conversation_id: int | None = None, purpose: str = "") -> int:
+        """Write the ledger row before the request leaves, so even a crash keeps it."""
+        with self._write():
+            table = self.db["ledger"].insert({
+                "created_at": now_iso(), "endpoint": endpoint, "model": model,
+                "conversation_id": conversation_id, "purpose": purpose,
+                "text_sent": text_sent, "bytes_sent": bytes_sent, "outcome": "sending",
+            })
+        return int(table.last_pk)
+
+    def finish_request(self, ledger_id: int, *, bytes_received: int, outcome: str) -> None:
+        with self._write():
+            self.db["ledger"].update(ledger_id, {"finished_at": now_iso(),
+                                                 "bytes_received": bytes_received,
+                                                 "outcome": outcome})
+
+    def ledger(self, limit: int = 100) -> list[LedgerRow]:
+        with self._guard():
+            rows = self.db.query("select * from ledger order by id desc limit ?", [limit])
+            return [LedgerRow(**row) for row in rows]
 
     # Search
 

@@ -40,8 +40,33 @@ def m001_conversations_and_messages(db: Database) -> None:
     db["messages"].enable_fts(["content"], create_triggers=True, tokenize="porter unicode61")
 
 
+def m002_modes_and_privacy_ledger(db: Database) -> None:
+    # Reply mode chosen for a conversation (local, cloud, fused); NULL follows the default.
+    db["conversations"].add_column("mode", str)
+    # Every request that left the machine: what was sent (after redaction) and how much.
+    db["ledger"].create(
+        {
+            "id": int,
+            "created_at": str,
+            "finished_at": str,
+            "endpoint": str,
+            "model": str,
+            "conversation_id": int,
+            "purpose": str,
+            "text_sent": str,
+            "bytes_sent": int,
+            "bytes_received": int,
+            "outcome": str,
+        },
+        pk="id",
+        not_null={"created_at", "endpoint", "text_sent", "bytes_sent"},
+    )
+    db["ledger"].create_index(["created_at"])
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_conversations_and_messages", m001_conversations_and_messages),
+    ("002_modes_and_privacy_ledger", m002_modes_and_privacy_ledger),
 ]
 
 
