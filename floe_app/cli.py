@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object {text, stats} instead of streaming")
     ask.add_argument("--conversation", "-c", type=int, metavar="ID",
                      help="continue this conversation (see floe history list)")
+    ask.add_argument("--mode", choices=["local", "cloud", "fused"],
+                     help="local model only, the cloud's text, or both fused token by token"
+                     " (default: chat.mode; fused when a cloud is configured)")
 
     history = commands.add_parser("history", help="list, show, search or export conversations")
     history_commands = history.add_subparsers(dest="history_command", metavar="ACTION",
@@ -54,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to write (default: floe-ID.md, or .json with --format json)")
     export.add_argument("--format", choices=["markdown", "json"], default="markdown")
 
+    ledger = commands.add_parser("ledger", help="every request that left this machine")
+    ledger.add_argument("--limit", type=int, default=20)
+    ledger.add_argument("--json", action="store_true")
+    ledger.add_argument("--full", action="store_true", help="print the whole text sent")
+
     doctor = commands.add_parser("doctor", help="check the model, the CPU, paths and versions")
     doctor.add_argument("--json", action="store_true")
     return parser
@@ -65,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command is None:
             return run_tui(args)
-        handler = {"ask": cmd_ask, "history": cmd_history, "doctor": cmd_doctor}[args.command]
+        handler = {"ask": cmd_ask, "history": cmd_history, "ledger": cmd_ledger,
+                   "doctor": cmd_doctor}[args.command]
         return handler(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
@@ -128,7 +137,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     session = open_session(args)
     conversation_id = args.conversation or session.store.create_conversation()
     finished = None
-    for event in session.reply(conversation_id, prompt):
+    for event in session.reply(conversation_id, prompt, mode=args.mode):
         if isinstance(event, Notice):
             print(f"floe: note: {event.text}", file=sys.stderr)
         elif isinstance(event, Delta) and not args.json:
@@ -188,6 +197,22 @@ def cmd_history(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise FloeError(f"cannot write {output}: {exc.strerror}") from exc
     print(output)
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    rows = open_session(args).store.ledger(max(args.limit, 0))
+    if args.json:
+        print(json.dumps([vars(r) for r in rows], ensure_ascii=False))
+        return 0
+    if not rows:
+        print("Nothing has left this machine.")
+    for r in rows:
+        received = "?" if r.bytes_received is None else f"{r.bytes_received:,}"
+        print(f"{r.id:>5}  {r.created_at[:19].replace('T', ' ')}  {r.outcome or '?':<13}"
+              f" sent {r.bytes_sent:,} B, received {received} B  {r.endpoint}")
+        text = r.text_sent if args.full else " ".join(r.text_sent.split())[-160:]
+        print(f"       {'' if args.full else '…'}{text}")
     return 0
 
 

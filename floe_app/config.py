@@ -148,10 +148,15 @@ class FusionSettings:
         metadata=_rule("a number from 0 to 4", lambda v: 0 <= v <= 4,
                        "proxy form: strength of the local adaptation on top of the cloud"),
     )
+    first_token_ms: int = field(
+        default=2500,
+        metadata=_rule("a whole number from 100 to 60000", lambda v: 100 <= v <= 60000,
+                       "how long the cloud may take to start answering before it is given up"),
+    )
     max_misses: int = field(
         default=8,
         metadata=_rule("a whole number from 1 to 1000", lambda v: 1 <= v <= 1000,
-                       "tokens in a row without the cloud before the reply goes local-only"),
+                       "tokens in a row the answering cloud misses before the reply goes local"),
     )
     max_restarts: int = field(
         default=24,

@@ -67,3 +67,32 @@ def run_floe(*args: str, env_home: Path, input: str | None = None, timeout: floa
     env = {**os.environ, "FLOE_HOME": str(env_home), **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "floe_app", *args], input=input,
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def cloud_server(tmp_path_factory):
+    """llama-cpp-python's OpenAI-compatible server with gemma-3-270m, on 127.0.0.1."""
+    from tests.support.cloud_server import CloudServer, gemma_path
+
+    server = CloudServer(gemma_path(tmp_path_factory.mktemp("gemma")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(cloud_server):
+    """A fault-injecting TCP proxy in front of the cloud server (no faults until set)."""
+    from tests.support.proxy import FaultProxy
+
+    proxy = FaultProxy("127.0.0.1", cloud_server.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def cloud_config(config, proxy):
+    """Greedy settings pointing at the cloud through the proxy."""
+    config.cloud.base_url = proxy.base_url
+    config.cloud.model = "gemma-3-270m"
+    config.chat.max_tokens = 24
+    return config

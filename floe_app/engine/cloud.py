@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ TIMEOUT = "timeout"
 UNREACHABLE = "unreachable"  # connection refused or reset before a response
 BROKEN = "broken_stream"  # the response started, then broke off
 CANCELLED = "cancelled"
+NOT_SENT = "not_sent"  # the ledger could not record the request, so it was not sent
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,17 @@ class CloudStream:
     def cancel(self) -> None:
         self._cancelled.set()
         response = self._response
-        if response is not None:
-            with contextlib.suppress(Exception):  # closing a broken response may raise
-                response.close()  # unblocks the reading thread
+        if response is None:
+            return  # still waiting for headers: the thread sees the flag when they come
+        with contextlib.suppress(Exception):  # a broken connection may refuse either step
+            # Closing the response does not wake a thread blocked reading a stalled
+            # socket; shutting the socket down does.
+            network = response.extensions.get("network_stream")
+            sock = network.get_extra_info("socket") if network is not None else None
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            response.close()
 
     def _add(self, text: bytes, top: list[tuple[bytes, float]], chosen_logprob: float) -> None:
         if not any(candidate == text for candidate, _ in top):
@@ -174,7 +184,7 @@ class CloudStream:
         with self._cond:
             self.finished = finished
             self.error = error
-            self.outcome = CANCELLED if self._cancelled.is_set() and outcome != OK else outcome
+            self.outcome = outcome
             self._cond.notify_all()
 
 
@@ -220,7 +230,12 @@ class CloudClient:
         assert entry is not None
         # Counted from what is serialized, so it is known before anything is sent.
         entry.bytes_sent = len(json.dumps(request, ensure_ascii=False).encode("utf-8"))
-        done = self.recorder(entry) if self.recorder else None
+        try:
+            done = self.recorder(entry) if self.recorder else None
+        except Exception as exc:  # unrecorded means unsent: the ledger must hold every byte
+            entry.outcome = NOT_SENT
+            stream._finish(NOT_SENT, _one_line(exc))
+            return
         started = False
         outcome, error, finished = OK, "", False
         try:
@@ -244,8 +259,11 @@ class CloudClient:
             entry.bytes_received = raw.http_response.num_bytes_downloaded
         except InterruptedError:
             outcome = CANCELLED
-        except Exception as exc:
-            outcome, error = classify(exc, started), _one_line(exc)
+        except Exception as exc:  # every failure becomes an outcome the decoder understands
+            if stream._cancelled.is_set():
+                outcome = CANCELLED  # closing the response is how a stream is cancelled
+            else:
+                outcome, error = classify(exc, started), _one_line(exc)
             if stream._response is not None:
                 entry.bytes_received = stream._response.num_bytes_downloaded
         entry.outcome = outcome

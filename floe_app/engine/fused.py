@@ -38,6 +38,7 @@ FAILURE_TEXT = {
     "timeout": "the cloud timed out",
     "unreachable": "the cloud could not be reached",
     "broken_stream": "the cloud's stream broke off",
+    "not_sent": "the privacy ledger could not record the request, so nothing was sent",
 }
 
 
@@ -130,14 +131,23 @@ class FusedChooser:
                        + (f" ({stream.error})" if stream.error else ""))
         return candidates
 
+    def _count_miss(self) -> None:
+        """Misses before the cloud's first token are its round trip, not a fault."""
+        stream = self.stream
+        if stream is None:
+            return
+        if stream.tokens:
+            self.misses += 1
+            if self.misses >= self.settings.max_misses:
+                self._trip(f"it missed {self.misses} tokens in a row")
+        elif time.perf_counter() - stream.started_at > self.settings.first_token_ms / 1000:
+            self._trip(f"it did not start answering within {self.settings.first_token_ms} ms")
+
     def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int:
         candidates = self._cloud_candidates()
         if not candidates:
             self.stats.absent += 1
-            if self.stream is not None:
-                self.misses += 1
-                if self.misses >= self.settings.max_misses:
-                    self._trip(f"no answer from it for {self.misses} tokens in a row")
+            self._count_miss()
             return sample_token(logprobs, self.sampling, rng)
         self.misses = 0
         started = time.perf_counter()

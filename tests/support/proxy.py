@@ -1,0 +1,127 @@
+"""A real TCP proxy between Floe and the cloud server that injects network faults.
+
+Faults: a one-way delay on every byte in both directions (an emulated round-trip time of
+twice the delay, throughput untouched), a response that stalls after N bytes, a connection
+reset after N bytes, and an immediate HTTP error status (429, 500) without asking the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Faults:
+    delay_s: float = 0.0  # one way; the round trip grows by twice this
+    stall_after: int | None = None  # response bytes before the stream goes silent
+    reset_after: int | None = None  # response bytes before the connection is reset
+    status: int | None = None  # answer every request with this HTTP status
+
+
+class FaultProxy:
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.faults = Faults()
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        ready.set()
+        self._loop.run_forever()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        faults = Faults(**vars(self.faults))
+        self.connections += 1
+        try:
+            if faults.status is not None:
+                await self._answer_status(reader, writer, faults.status)
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            await asyncio.gather(
+                self._pipe(reader, up_writer, faults, downstream=None),
+                self._pipe(up_reader, writer, faults, downstream=writer),
+                return_exceptions=True)
+            up_writer.close()
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _answer_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             status: int) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        body = json.dumps({"error": {"message": f"injected {status}", "type": "injected",
+                                     "code": status}}).encode()
+        reason = {429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "Error")
+        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    faults: Faults, downstream: asyncio.StreamWriter | None) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            sent = 0
+            while True:
+                due, chunk = await queue.get()
+                if not chunk:
+                    break
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if downstream is not None and faults.reset_after is not None \
+                        and sent + len(chunk) > faults.reset_after:
+                    sock = downstream.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    downstream.transport.abort()  # RST, mid-response
+                    return
+                if downstream is not None and faults.stall_after is not None \
+                        and sent + len(chunk) > faults.stall_after:
+                    await asyncio.sleep(3600)  # silent, but the connection stays open
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+            with contextlib.suppress(Exception):
+                writer.write_eof()
+
+        task = asyncio.ensure_future(deliver())
+        try:
+            while chunk := await reader.read(65536):
+                queue.put_nowait((time.monotonic() + faults.delay_s, chunk))
+        finally:
+            queue.put_nowait((0.0, b""))
+        await task

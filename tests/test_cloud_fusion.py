@@ -1,0 +1,202 @@
+"""Fused and cloud replies against a real OpenAI-compatible server, through a fault proxy.
+
+The cloud is llama-cpp-python's server with gemma-3-270m (another tokenizer than the
+SmolLM2 on-device model). Every fault is injected on the wire by tests.support.proxy.
+"""
+
+import json
+import os
+import threading
+
+import pytest
+
+from floe_app.session import ChatSession, Delta, Finished, Notice
+from floe_app.store import Store
+from tests.conftest import run_floe
+from tests.support.cloud_server import free_port
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+
+
+def reply(session, text=QUESTION, mode="fused", cancel=None):
+    cid = session.new_conversation()
+    events = list(session.reply(cid, text, cancel=cancel, mode=mode))
+    done = events[-1]
+    assert isinstance(done, Finished)
+    notices = [e.text for e in events if isinstance(e, Notice)]
+    streamed = "".join(e.text for e in events if isinstance(e, Delta))
+    assert streamed == done.text
+    return cid, done, notices
+
+
+@pytest.fixture
+def make_session(store, engine):
+    def make(config, env=None):
+        config.model.context_tokens = engine.n_ctx
+        session = ChatSession(store, config, env=env if env is not None else {})
+        session._engine = engine
+        session._engine_key = session._wanted_engine_key()
+        return session
+    return make
+
+
+def local_text(make_session, config, text=QUESTION):
+    config = type(config)(**vars(config))
+    return reply(make_session(config), text, mode="local")[1].text
+
+
+def test_fused_reply_uses_the_cloud_and_records_every_request(make_session, cloud_config,
+                                                              store):
+    cloud_config.fusion.deadline_ms = 2000  # wait for the cloud at every token: it must show
+    cloud_config.fusion.max_misses = 100
+    session = make_session(cloud_config)
+    cid, done, _ = reply(session)
+    cloud = done.stats["cloud"]
+    assert done.status == "complete" and done.text.strip()
+    assert cloud["requests"] >= 1 and cloud["agreed"] + cloud["fused"] > 0
+    assert abs(cloud["agreed"] + cloud["fused"] + cloud["absent"] - 1) < 0.01
+    assert cloud["bytes_sent"] > 0 and cloud["bytes_received"] > 0
+    rows = store.ledger()
+    assert len(rows) == cloud["requests"]
+    assert all(r.conversation_id == cid and r.endpoint.endswith("/v1/completions")
+               for r in rows)
+    assert sum(r.bytes_sent for r in rows) == cloud["bytes_sent"]
+    assert all(QUESTION in r.text_sent for r in rows)
+    assert store.messages(cid)[-1].content == done.text
+
+
+def test_first_token_never_waits_for_the_cloud(make_session, cloud_config, proxy):
+    proxy.faults.delay_s = 0.5  # a 1 s round trip
+    session = make_session(cloud_config)
+    _, done, _ = reply(session)
+    assert done.stats["ttft_ms"] < 500
+    # A loaded 2-core machine adds scheduling delay; benchmarks/ measures the real figure.
+    assert done.stats["p95_gap_ms"] <= cloud_config.fusion.deadline_ms * 1.5
+
+
+def test_unreachable_cloud_gives_exactly_the_local_reply(make_session, cloud_config, store):
+    expected = local_text(make_session, cloud_config)
+    cloud_config.cloud.base_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens
+    _, done, notices = reply(make_session(cloud_config))
+    assert done.text == expected and done.status == "complete"
+    assert any("could not be reached" in n for n in notices)
+    assert done.stats["cloud"]["breaker"].startswith("the cloud could not be reached")
+    assert store.ledger()[0].outcome == "unreachable"
+
+
+@pytest.mark.parametrize(("status", "words"), [(429, "rate-limiting"), (500, "server error")])
+def test_error_status_trips_the_breaker_and_the_reply_is_local(make_session, cloud_config,
+                                                               proxy, store, status, words):
+    expected = local_text(make_session, cloud_config)
+    proxy.faults.status = status
+    cid, done, notices = reply(make_session(cloud_config))
+    assert done.text == expected
+    assert any(words in n for n in notices)
+    assert store.messages(cid)[-1].status == "complete"
+    assert store.ledger()[0].outcome == {429: "rate_limited", 500: "server_error"}[status]
+
+
+def test_stalled_stream_trips_the_breaker_and_the_reply_completes(make_session, cloud_config,
+                                                                  proxy, store):
+    proxy.faults.stall_after = 600  # the headers, then silence
+    cloud_config.fusion.first_token_ms = 500
+    cid, done, notices = reply(make_session(cloud_config))
+    assert done.status == "complete" and done.text
+    assert any("did not start answering within 500 ms" in n for n in notices)
+    assert store.ledger()[0].outcome == "cancelled"
+    assert store.messages(cid)[-1].content == done.text
+
+
+def test_connection_reset_mid_stream_still_completes(make_session, cloud_config, proxy,
+                                                     store):
+    proxy.faults.reset_after = 900
+    cloud_config.fusion.deadline_ms = 1000
+    cid, done, notices = reply(make_session(cloud_config))
+    assert done.status == "complete" and done.text
+    assert store.messages(cid)[-1].content == done.text
+    outcomes = {r.outcome for r in store.ledger()}
+    assert outcomes & {"broken_stream", "cancelled"}, outcomes
+
+
+def test_slow_cloud_with_added_latency_still_completes(make_session, cloud_config, proxy):
+    proxy.faults.delay_s = 0.2
+    _, done, _ = reply(make_session(cloud_config))
+    assert done.status == "complete" and done.text
+
+
+def test_cloud_mode_streams_the_clouds_text_redacted_out_and_restored_back(
+        make_session, cloud_config, store):
+    cloud_config.chat.max_tokens = 16
+    cloud_config.privacy.redact_terms = ["Biscotti"]
+    text = "Repeat after me exactly: bob@example.com and Biscotti"
+    cid, done, _ = reply(make_session(cloud_config), text, mode="cloud")
+    assert done.status == "complete" and done.stats["mode"] == "cloud"
+    assert done.stats["tokens"] > 0 and done.stats["cloud"]["requests"] == 1
+    sent = store.ledger()[0].text_sent
+    assert "[EMAIL_1]" in sent and "[TERM_1]" in sent
+    assert "bob@example.com" not in sent and "Biscotti" not in sent
+    assert "[EMAIL_1]" not in done.text and "[TERM_1]" not in done.text
+
+
+def test_cloud_mode_falls_back_to_local_when_the_cloud_fails(make_session, cloud_config,
+                                                             proxy):
+    proxy.faults.status = 500
+    _, done, notices = reply(make_session(cloud_config), mode="cloud")
+    assert any("local model answers instead" in n for n in notices)
+    assert done.status == "complete" and done.text.strip()
+
+
+def test_local_only_switch_sends_nothing(make_session, cloud_config, proxy, store):
+    cloud_config.privacy.local_only = True
+    _, done, notices = reply(make_session(cloud_config))
+    assert done.stats["mode"] == "local" and "cloud" not in done.stats
+    assert notices == ["Replying locally: local-only is on."]
+    assert proxy.connections == 0 and store.ledger() == []
+
+
+def test_stopping_a_fused_reply_cancels_the_cloud(make_session, cloud_config, store):
+    cloud_config.chat.max_tokens = 200
+    cancel = threading.Event()
+    session = make_session(cloud_config)
+    cid = session.new_conversation()
+    for event in session.reply(cid, "Tell me a long story.", cancel=cancel, mode="fused"):
+        if isinstance(event, Delta):
+            cancel.set()
+    reply_row = store.messages(cid)[-1]
+    assert reply_row.status == "stopped"
+    assert all(r.outcome != "sending" for r in store.ledger())
+
+
+def test_api_key_is_sent_but_never_stored(make_session, cloud_config, paths):
+    secret = "sk-floe-test-SECRET-1234"
+    session = make_session(cloud_config, env={"OPENAI_API_KEY": secret})
+    assert session.cloud_target().api_key == secret
+    reply(session)
+    session.store.close()
+    for path in paths.data_dir.iterdir():
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):
+    home = tmp_path / "home"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "config.toml").write_text('[chat]\ntemperature = 0.0\nmax_tokens = 16\n')
+    env = {"FLOE_CLOUD_BASE_URL": cloud_server.base_url, "FLOE_CLOUD_MODEL": "gemma"}
+    result = run_floe("ask", "--json", "--mode", "fused", QUESTION, env_home=home,
+                      extra_env=env)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["mode"] == "fused" and stats["cloud"]["requests"] >= 1
+    assert {"agreed", "fused", "absent", "restarts", "bytes_sent", "bytes_received"} <= set(
+        stats["cloud"])
+    ledger = json.loads(run_floe("ledger", "--json", env_home=home).stdout)
+    assert len(ledger) == stats["cloud"]["requests"]
+    assert QUESTION in ledger[0]["text_sent"]
+    text = run_floe("ledger", env_home=home).stdout
+    assert "/v1/completions" in text and "sent" in text
+    local = run_floe("ask", "--json", "--mode", "local", "hi", env_home=home, extra_env=env)
+    assert json.loads(local.stdout)["stats"]["mode"] == "local"
+    assert len(json.loads(run_floe("ledger", "--json", env_home=home).stdout)) == len(ledger)
+    assert os.environ.get("FLOE_CLOUD_BASE_URL") is None  # nothing leaked into this process
