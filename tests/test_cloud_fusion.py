@@ -11,7 +11,6 @@ import threading
 import pytest
 
 from floe_app.session import ChatSession, Delta, Finished, Notice
-from floe_app.store import Store
 from tests.conftest import run_floe
 from tests.support.cloud_server import free_port
 
@@ -113,7 +112,7 @@ def test_connection_reset_mid_stream_still_completes(make_session, cloud_config,
                                                      store):
     proxy.faults.reset_after = 900
     cloud_config.fusion.deadline_ms = 1000
-    cid, done, notices = reply(make_session(cloud_config))
+    cid, done, _notices = reply(make_session(cloud_config))
     assert done.status == "complete" and done.text
     assert store.messages(cid)[-1].content == done.text
     outcomes = {r.outcome for r in store.ledger()}
@@ -131,7 +130,7 @@ def test_cloud_mode_streams_the_clouds_text_redacted_out_and_restored_back(
     cloud_config.chat.max_tokens = 16
     cloud_config.privacy.redact_terms = ["Biscotti"]
     text = "Repeat after me exactly: bob@example.com and Biscotti"
-    cid, done, _ = reply(make_session(cloud_config), text, mode="cloud")
+    _cid, done, _ = reply(make_session(cloud_config), text, mode="cloud")
     assert done.status == "complete" and done.stats["mode"] == "cloud"
     assert done.stats["tokens"] > 0 and done.stats["cloud"]["requests"] == 1
     sent = store.ledger()[0].text_sent

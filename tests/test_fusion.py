@@ -23,13 +23,13 @@ PIECES = [b"a", b"b", b"ab", b"abc", b" the", b" th", b" t", b" ", b"\xe2", b"\x
 
 
 def vocab_of(pieces):
-    return Vocabulary(list(pieces) + [b""], end_ids=np.array([len(pieces)]))
+    return Vocabulary([*list(pieces), b""], end_ids=np.array([len(pieces)]))
 
 
 VOCAB = vocab_of(PIECES)
 logprob_vectors = st.lists(st.floats(-20, 5, allow_nan=False), min_size=len(VOCAB),
                            max_size=len(VOCAB)).map(lambda xs: log_softmax(np.array(xs)))
-candidate_texts = st.one_of(st.sampled_from(PIECES + [END, b" there", b"abcd", "€".encode()]),
+candidate_texts = st.one_of(st.sampled_from([*PIECES, END, b" there", b"abcd", "€".encode()]),
                             st.text(min_size=1, max_size=4).map(str.encode))
 top_k = st.lists(st.tuples(candidate_texts, st.floats(-15, 0)), max_size=20,
                  unique_by=lambda c: c[0])

@@ -283,3 +283,61 @@ async def test_settings_screen_cancel_changes_nothing():
 
 def test_floe_home_is_isolated(floe_home):
     assert os.environ["FLOE_HOME"] == str(floe_home)
+
+
+@pytest.mark.slow
+async def test_fused_chat_in_the_tui_with_mode_switch_and_ledger(paths, cloud_config, tmp_path):
+    from floe_app.tui.screens.ledger import LedgerScreen
+
+    app = make_app(paths, cloud_config, tmp_path)
+    app.session.env = {}
+    async with app.run_test(size=SIZE) as pilot:
+        status = app.query_one(StatusBar)
+        assert status.mode == "fused"  # auto: a cloud is configured
+        await pilot.press("f4")
+        assert status.mode == "cloud" and app.pending_mode == "cloud"
+        await pilot.press("f4", "f4")
+        assert status.mode == "fused"
+        await send(pilot, app, "What is the capital of France?")
+        reply = app.store.messages(app.conversation_id)[-1]
+        assert reply.mode == "fused" and reply.stats["cloud"]["requests"] >= 1
+        assert app.store.conversation(app.conversation_id).mode == "fused"
+        assert "requests" in status.render()
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert isinstance(app.screen, LedgerScreen)
+        sent = app.screen.query_one("#sent").text
+        assert "What is the capital of France?" in sent
+        await pilot.press("escape")
+        await pilot.press("f4")  # fused -> cloud for this conversation
+        assert app.store.conversation(app.conversation_id).mode == "cloud"
+
+
+async def test_mode_switch_without_a_cloud_explains_why(paths, config, tmp_path):
+    app = make_app(paths, config, tmp_path)
+    app.session.env = {}
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f4")
+        assert app.query_one(StatusBar).mode == "local"
+        assert any("no cloud is configured" in n.message for n in app._notifications)
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert app.screen.query_one("#empty")
+
+
+async def test_settings_parse_switches_and_lists():
+    host = SettingsHost(Config())
+    async with host.run_test(size=SIZE) as pilot:
+        host.screen.query_one("#privacy-local_only").value = "maybe"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "privacy.local_only: expected true or false" in str(
+            host.screen.query_one("#error").render())
+        host.screen.query_one("#privacy-local_only").value = "true"
+        host.screen.query_one("#privacy-redact_terms").value = "Biscotti, Ada Lovelace ,"
+        host.screen.query_one("#cloud-base_url").value = "http://127.0.0.1:9/v1"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    assert host.result.privacy.local_only is True
+    assert host.result.privacy.redact_terms == ["Biscotti", "Ada Lovelace"]
+    assert host.result.cloud.base_url == "http://127.0.0.1:9/v1"

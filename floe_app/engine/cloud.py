@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator

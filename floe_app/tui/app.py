@@ -29,6 +29,7 @@ from floe_app.session import ChatSession, Delta, Finished, Notice, Saved, conver
 from floe_app.store import Store
 from floe_app.tui.screens.confirm import ConfirmScreen
 from floe_app.tui.screens.help import HelpScreen
+from floe_app.tui.screens.ledger import LedgerScreen
 from floe_app.tui.screens.rename import RenameScreen
 from floe_app.tui.screens.settings import SettingsScreen
 from floe_app.tui.widgets.chat import ChatView, MessageView
@@ -77,6 +78,8 @@ class FloeApp(App[None]):
         Binding("escape", "stop", "Stop reply"),
         Binding("f5", "copy_reply", "Copy last reply", show=False),
         Binding("ctrl+s", "export_chat", "Export chat as Markdown", show=False),
+        Binding("f4", "switch_mode", "Switch reply mode"),
+        Binding("ctrl+l", "ledger", "Privacy ledger"),
         Binding("f2", "settings", "Settings"),
         Binding("f1", "help", "Help"),
     ]
@@ -91,6 +94,7 @@ class FloeApp(App[None]):
         self.warnings = warnings or []
         self.export_dir = export_dir or Path.cwd()
         self.conversation_id: int | None = None
+        self.pending_mode: str | None = None  # chosen before the new chat's first message
         self.generating = False
         self._cancel = threading.Event()
         self._streams: dict[MessageView, MarkdownStream] = {}
@@ -111,10 +115,7 @@ class FloeApp(App[None]):
     async def on_mount(self) -> None:
         self.query_one(PromptInput).focus()
         conversations = self.store.conversations()
-        if conversations:
-            await self.open_conversation(conversations[0].id)
-        else:
-            await self.refresh_sidebar()
+        await self.open_conversation(conversations[0].id if conversations else None)
         for warning in self.warnings:
             self.notify(warning, title="Settings", severity="warning", timeout=10)
         if self.interrupted:
@@ -164,7 +165,14 @@ class FloeApp(App[None]):
         conversation = self.store.conversation(conversation_id) if conversation_id else None
         await chat.show_messages(self.store.messages(conversation_id) if conversation else [])
         self.sub_title = conversation.title if conversation else ""
+        self.pending_mode = None
+        self.show_mode()
         await self.refresh_sidebar()
+
+    def show_mode(self) -> None:
+        conversation = self.store.conversation(self.conversation_id or 0)
+        requested = None if conversation else self.pending_mode
+        self.query_one(StatusBar).mode = self.session.resolve_mode(requested, conversation)[0]
 
     async def on_list_view_selected(self, event: ListView.Selected) -> None:
         if isinstance(event.item, ConversationItem):
@@ -195,6 +203,8 @@ class FloeApp(App[None]):
             return
         if self.conversation_id is None:
             self.conversation_id = self.session.new_conversation()
+            if self.pending_mode:
+                self.store.set_conversation_mode(self.conversation_id, self.pending_mode)
             await self.refresh_sidebar()
         event.prompt.clear()
         chat = self.query_one(ChatView)
@@ -292,6 +302,25 @@ class FloeApp(App[None]):
             f"Delete “{conversation.title}” and its {conversation.message_count} messages?"
             " This cannot be undone."), delete)
 
+    def action_switch_mode(self) -> None:
+        if self.session.cloud_target() is None:
+            why = ("local-only is on" if self.session.config.privacy.local_only
+                   else "no cloud is configured")
+            self.notify(f"Only local replies: {why}. Settings (F2) change that.")
+            return
+        modes = ["local", "fused", "cloud"]
+        current = self.query_one(StatusBar).mode
+        mode = modes[(modes.index(current) + 1) % len(modes)] if current in modes else "fused"
+        if self.conversation_id is None:
+            self.pending_mode = mode
+        else:
+            self.store.set_conversation_mode(self.conversation_id, mode)
+        self.show_mode()
+        self.notify(f"Replies in this chat: {mode}.")
+
+    def action_ledger(self) -> None:
+        self.push_screen(LedgerScreen(self.store.ledger(200)))
+
     def action_search_chats(self) -> None:
         self.query_one(Sidebar).search_box.focus()
 
@@ -338,6 +367,7 @@ class FloeApp(App[None]):
                 self.notify(f"Settings saved to {path}")
             if model_changed:
                 self.load_model()
+            self.show_mode()
 
         self.push_screen(SettingsScreen(self.session.config), saved)
 

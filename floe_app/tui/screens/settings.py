@@ -11,14 +11,32 @@ from textual.widgets import Button, Input, Label, TextArea
 
 from floe_app.config import Config, SettingSpec, setting_specs
 
-EDITABLE = ("model.path", "chat.system_prompt", "chat.temperature", "chat.top_p",
-            "chat.max_tokens", "model.threads", "model.context_tokens")
+EDITABLE = ("model.path", "chat.system_prompt", "chat.mode", "chat.temperature",
+            "chat.top_p", "chat.max_tokens", "model.threads", "model.context_tokens",
+            "privacy.local_only", "privacy.redact_terms", "cloud.base_url", "cloud.model",
+            "cloud.api", "fusion.deadline_ms")
+
+
+def show_value(value: object) -> str:
+    if isinstance(value, list):
+        return ", ".join(value)
+    return str(value)
 
 
 def parse_value(spec: SettingSpec, text: str) -> object:
     """The typed value of a field's text; raises ValueError with what is allowed."""
     try:
-        value = spec.type(text.strip()) if spec.type in (int, float) else text
+        if spec.type is list:
+            value: object = [t.strip() for t in text.split(",") if t.strip()]
+        elif spec.type is bool:
+            value = text.strip().lower()
+            if value not in ("true", "false"):
+                raise ValueError
+            value = value == "true"
+        elif spec.type in (int, float):
+            value = spec.type(text.strip())
+        else:
+            value = text
         return spec.coerce(value)
     except ValueError:
         raise ValueError(f"{spec.key}: expected {spec.allowed}") from None
@@ -43,12 +61,13 @@ class SettingsScreen(ModalScreen[Config | None]):
             yield Label("Settings  (Ctrl+S to save, Esc to cancel)", classes="title")
             for spec in self.specs:
                 field_id = spec.key.replace(".", "-")
-                yield Label(f"{spec.doc} ({spec.key})", classes="field-label")
+                allowed = " (comma-separated)" if spec.type is list else ""
+                yield Label(f"{spec.doc} ({spec.key}){allowed}", classes="field-label")
                 if spec.name == "system_prompt":
                     yield TextArea(str(self._current(spec)), id=field_id, soft_wrap=True,
                                    classes="field")
                 else:
-                    yield Input(str(self._current(spec)), id=field_id, classes="field",
+                    yield Input(show_value(self._current(spec)), id=field_id, classes="field",
                                 placeholder=spec.allowed)
             yield Label("", id="error", classes="error")
             with Horizontal(classes="buttons"):

@@ -21,6 +21,10 @@ class StatusBar(Static):
             parts.append(f"{stats.get('tokens_per_s', 0):.1f} tok/s")
             parts.append(f"first token {stats.get('ttft_ms', 0):.0f} ms")
             parts.append(f"{stats.get('tokens', 0)} tokens")
+            cloud = stats.get("cloud")
+            if cloud and stats.get("mode") == "fused":
+                parts.append(f"cloud agreed {cloud['agreed']:.0%} fused {cloud['fused']:.0%}"
+                             f" absent {cloud['absent']:.0%}, {cloud['requests']} requests")
         if self.state:
             parts.append(self.state)
         return "  ·  ".join(parts)
