@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from floe_app.config import Config
 from floe_app.engine.cloud import (
     CANCELLED,
@@ -142,9 +144,12 @@ class ChatSession:
         self.config = config
         self.model_override = model_override
         self.env = env  # None: the process environment (FLOE_CLOUD_*, the API key)
+        # Facts about the user for the local model only; never sent to a cloud.
+        self.private_context: list[str] = []
         self._engine: LocalEngine | None = None
         self._engine_key: tuple[Any, ...] | None = None
         self._engine_lock = threading.Lock()
+        self._base_engine: LocalEngine | None = None
 
     # The model
 
@@ -175,10 +180,26 @@ class ChatSession:
     def loaded_engine(self) -> LocalEngine | None:
         return self._engine
 
+    def base_engine(self) -> LocalEngine:
+        """A second instance of the local model, for the proxy-tuning form's base."""
+        main = self.engine()
+        if self._base_engine is None or self._base_engine.path != main.path:
+            self._base_engine = LocalEngine.load(main.path, threads=main.threads,
+                                                 context_tokens=main.n_ctx)
+        return self._base_engine
+
     def sampling(self) -> Sampling:
         c = self.config.chat
         return Sampling(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                         max_tokens=c.max_tokens, seed=c.seed)
+
+    def _local_system(self, public: dict[str, str]) -> dict[str, str]:
+        """The system message for the local model: the public one plus private context."""
+        if not self.private_context:
+            return public
+        notes = "\n".join(f"- {note}" for note in self.private_context)
+        return {"role": "system",
+                "content": f"{public['content']}\n\nWhat you know about the user:\n{notes}"}
 
     # The cloud
 
@@ -234,7 +255,8 @@ class ChatSession:
             yield Notice(mode_notice)
         engine = self.engine()
         sampling = self.sampling()
-        system = [{"role": "system", "content": self.config.chat.system_prompt}]
+        public_system = {"role": "system", "content": self.config.chat.system_prompt}
+        system = [self._local_system(public_system)]
         past = [{"role": m.role, "content": m.content} for m in history
                 if m.role in ("user", "assistant") and m.content]
         reserve = min(sampling.max_tokens, engine.n_ctx // 2)
@@ -251,8 +273,10 @@ class ChatSession:
             target = self.cloud_target()
             assert target is not None
             run.redactor = Redactor(terms=list(self.config.privacy.redact_terms))
+            # The same turns the local model sees, minus the private context, redacted.
+            run.public_messages = [public_system, *prompt.messages[1:]]
             cloud_messages = [{"role": m["role"], "content": run.redactor.redact(m["content"])}
-                              for m in prompt.messages]
+                              for m in run.public_messages]
             client = CloudClient(target, self._ledger_recorder(conversation_id, mode),
                                  max_tokens=sampling.max_tokens)
             run.fusion = FusionStats()
@@ -265,8 +289,18 @@ class ChatSession:
                       sampling: Sampling, cancel: threading.Event | None
                       ) -> Iterator[str | Notice]:
         assert run.redactor is not None and run.fusion is not None
+        base_logprobs = None
+        if self.config.fusion.form == "proxy" and self.private_context:
+            # The same model without the private context, in its own llama.cpp context so
+            # the two prompts do not evict each other's cache.
+            base = self.base_engine()
+            base_prompt = base.chat_tokens(run.public_messages)
+
+            def base_logprobs(generated: list[int]) -> np.ndarray:
+                return base.next_token_logprobs(base_prompt + generated)
+
         chooser = FusedChooser(engine.vocabulary(), client, cloud_messages, run.redactor,
-                               self.config.fusion, sampling, run.fusion)
+                               self.config.fusion, sampling, run.fusion, base_logprobs)
         shown = 0
         try:
             for step in engine.generate(tokens, sampling, cancel, run.stats, chooser):
@@ -367,6 +401,7 @@ class ReplyRun:
     clipped: bool = False
     redactor: Redactor | None = None
     fusion: FusionStats | None = None
+    public_messages: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         stats = self.stats

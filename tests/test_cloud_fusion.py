@@ -199,3 +199,34 @@ def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):
     assert json.loads(local.stdout)["stats"]["mode"] == "local"
     assert len(json.loads(run_floe("ledger", "--json", env_home=home).stdout)) == len(ledger)
     assert os.environ.get("FLOE_CLOUD_BASE_URL") is None  # nothing leaked into this process
+
+
+def test_private_context_reaches_the_local_model_only(make_session, cloud_config, store):
+    session = make_session(cloud_config)
+    session.private_context = ["The user's dog is called Biscotti."]
+    engine = session.engine()
+    seen = []
+    original = engine.generate
+
+    def spy(tokens, *args, **kwargs):
+        seen.append(engine.detokenize(tokens))
+        return original(tokens, *args, **kwargs)
+
+    engine.generate = spy
+    try:
+        reply(session, "What is my dog called?")
+    finally:
+        del engine.generate
+    assert "Biscotti" in seen[0]
+    assert store.ledger() and all("Biscotti" not in r.text_sent for r in store.ledger())
+
+
+def test_proxy_tuning_form_completes_with_private_context(make_session, cloud_config, store):
+    cloud_config.fusion.form = "proxy"
+    cloud_config.fusion.deadline_ms = 1000
+    session = make_session(cloud_config)
+    session.private_context = ["The user's dog is called Biscotti."]
+    _, done, _ = reply(session, "What is my dog called?")
+    assert done.status == "complete" and done.text.strip()
+    assert session._base_engine is not None and session._base_engine is not session.engine()
+    assert all("Biscotti" not in r.text_sent for r in store.ledger())

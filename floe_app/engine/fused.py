@@ -152,9 +152,10 @@ class FusedChooser:
         self.misses = 0
         started = time.perf_counter()
         cloud = cloud_distribution(self.vocab, logprobs, candidates)
-        if self.settings.form == "proxy" and self.base_logprobs is not None:
-            fused = fuse_proxy_tuning(cloud, logprobs, self.base_logprobs(self.tokens),
-                                      self.settings.beta)
+        if self.settings.form == "proxy":
+            # Without private context or an adapter the SLM is its own base: the cloud alone.
+            base = self.base_logprobs(self.tokens) if self.base_logprobs else logprobs
+            fused = fuse_proxy_tuning(cloud, logprobs, base, self.settings.beta)
         else:
             weight = cloud_weight(logprobs, self.settings.lambda_min, self.settings.lambda_max)
             fused = fuse_log_linear(logprobs, cloud, weight)
