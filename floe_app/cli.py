@@ -135,6 +135,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     session = open_session(args)
+    if args.mode != "local":
+        session.warm_cloud()
     conversation_id = args.conversation or session.store.create_conversation()
     finished = None
     for event in session.reply(conversation_id, prompt, mode=args.mode):

@@ -146,10 +146,12 @@ class ChatSession:
         self.env = env  # None: the process environment (FLOE_CLOUD_*, the API key)
         # Facts about the user for the local model only; never sent to a cloud.
         self.private_context: list[str] = []
+        self.last_run: ReplyRun | None = None
         self._engine: LocalEngine | None = None
         self._engine_key: tuple[Any, ...] | None = None
         self._engine_lock = threading.Lock()
         self._base_engine: LocalEngine | None = None
+        self._cloud_client: CloudClient | None = None
 
     # The model
 
@@ -224,6 +226,18 @@ class ChatSession:
             return "local", f"Replying locally: {why}."
         return wanted, None
 
+    def cloud_client(self, target: CloudTarget) -> CloudClient:
+        """One client per target, kept so that its connections are reused."""
+        if self._cloud_client is None or self._cloud_client.target != target:
+            self._cloud_client = CloudClient(target)
+        return self._cloud_client
+
+    def warm_cloud(self) -> None:
+        """Set the cloud client up in the background if replies will use it."""
+        target = self.cloud_target()
+        if target is not None and self.resolve_mode(None)[0] != "local":
+            threading.Thread(target=self.cloud_client(target).warm, daemon=True).start()
+
     def _ledger_recorder(self, conversation_id: int, purpose: str) -> Recorder:
         def record(entry: LedgerEntry) -> Callable[[LedgerEntry], None]:
             ledger_id = self.store.record_request(
@@ -266,6 +280,7 @@ class ChatSession:
             yield Notice(notice)
         stats = GenerationStats()
         run = ReplyRun(mode=mode, stats=stats, clipped=bool(prompt.notices))
+        self.last_run = run  # per-token timings, for benchmarks and diagnostics
         if mode == "local":
             pieces: Iterator[str | Notice] = (
                 step.text for step in engine.generate(prompt.tokens, sampling, cancel, stats))
@@ -277,11 +292,11 @@ class ChatSession:
             run.public_messages = [public_system, *prompt.messages[1:]]
             cloud_messages = [{"role": m["role"], "content": run.redactor.redact(m["content"])}
                               for m in run.public_messages]
-            client = CloudClient(target, self._ledger_recorder(conversation_id, mode),
-                                 max_tokens=sampling.max_tokens)
             run.fusion = FusionStats()
+            run.recorder = self._ledger_recorder(conversation_id, mode)
             pieces = (self._fused_pieces if mode == "fused" else self._cloud_pieces)(
-                engine, client, cloud_messages, run, prompt.tokens, sampling, cancel)
+                engine, self.cloud_client(target), cloud_messages, run, prompt.tokens,
+                sampling, cancel)
         yield from self._write_reply(conversation_id, engine.name, pieces, run)
 
     def _fused_pieces(self, engine: LocalEngine, client: CloudClient,
@@ -300,7 +315,8 @@ class ChatSession:
                 return base.next_token_logprobs(base_prompt + generated)
 
         chooser = FusedChooser(engine.vocabulary(), client, cloud_messages, run.redactor,
-                               self.config.fusion, sampling, run.fusion, base_logprobs)
+                               self.config.fusion, sampling, run.fusion, base_logprobs,
+                               run.recorder)
         shown = 0
         try:
             for step in engine.generate(tokens, sampling, cancel, run.stats, chooser):
@@ -318,7 +334,8 @@ class ChatSession:
         """The cloud's own text; if it fails, the local model finishes the reply."""
         assert run.fusion is not None
         stats = run.stats
-        stream = client.stream(cloud_messages, "")
+        stream = client.stream(cloud_messages, "", max_tokens=sampling.max_tokens,
+                               recorder=run.recorder)
         run.fusion.requests += 1
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         started = last = time.perf_counter()
@@ -402,6 +419,7 @@ class ReplyRun:
     redactor: Redactor | None = None
     fusion: FusionStats | None = None
     public_messages: list[dict[str, str]] = field(default_factory=list)
+    recorder: Recorder | None = None
 
     def summary(self) -> dict[str, Any]:
         stats = self.stats

@@ -189,49 +189,60 @@ class CloudStream:
 
 
 class CloudClient:
-    """Starts streams against one target; safe to share between threads."""
+    """Starts streams against one target; shared between replies (connections are reused)
+    and between threads. The SDK is imported and set up off the reply's critical path."""
 
-    def __init__(self, target: CloudTarget, recorder: Recorder | None = None,
-                 max_tokens: int = 512) -> None:
-        import httpx2
-        import openai
-
+    def __init__(self, target: CloudTarget) -> None:
         self.target = target
-        self.recorder = recorder
-        self.max_tokens = max_tokens
-        self._client = openai.OpenAI(
-            base_url=target.base_url, api_key=target.api_key or "none", max_retries=0,
-            timeout=httpx2.Timeout(target.timeout_s, connect=min(5.0, target.timeout_s)),
-        )
+        self._client: Any = None
+        self._client_lock = threading.Lock()
 
-    def stream(self, messages: list[dict[str, str]], prefix: str) -> CloudStream:
+    def _sdk(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                import httpx2
+                import openai
+
+                self._client = openai.OpenAI(
+                    base_url=self.target.base_url, api_key=self.target.api_key or "none",
+                    max_retries=0, timeout=httpx2.Timeout(self.target.timeout_s,
+                                                          connect=min(5.0, self.target.timeout_s)))
+            return self._client
+
+    def warm(self) -> None:
+        """Import and build the SDK client now (about 0.3 s of Python), not mid-reply."""
+        self._sdk()
+
+    def stream(self, messages: list[dict[str, str]], prefix: str, *, max_tokens: int = 512,
+               recorder: Recorder | None = None) -> CloudStream:
         """Continue the (already redacted) conversation from the reply prefix."""
         target = self.target
         if target.api == "chat":
             chat = list(messages) + ([{"role": "assistant", "content": prefix}] if prefix else [])
             request = {"model": target.model, "messages": chat, "stream": True,
-                       "max_tokens": self.max_tokens, "logprobs": True,
+                       "max_tokens": max_tokens, "logprobs": True,
                        "top_logprobs": target.top_logprobs, "temperature": 0}
             text_sent = json.dumps(chat, ensure_ascii=False)
         else:
             prompt = render_transcript(messages, prefix)
             request = {"model": target.model, "prompt": prompt, "stream": True,
-                       "max_tokens": self.max_tokens, "logprobs": target.top_logprobs,
+                       "max_tokens": max_tokens, "logprobs": target.top_logprobs,
                        "temperature": 0, "stop": ["\nUser:"]}
             text_sent = prompt
         stream = CloudStream(target, strip_leading=not prefix)
         stream.entry = LedgerEntry(target.endpoint, target.model, text_sent)
-        threading.Thread(target=self._run, args=(stream, request), daemon=True,
+        threading.Thread(target=self._run, args=(stream, request, recorder), daemon=True,
                          name="floe-cloud").start()
         return stream
 
-    def _run(self, stream: CloudStream, request: dict[str, Any]) -> None:
+    def _run(self, stream: CloudStream, request: dict[str, Any],
+             recorder: Recorder | None) -> None:
         entry = stream.entry
         assert entry is not None
         # Counted from what is serialized, so it is known before anything is sent.
         entry.bytes_sent = len(json.dumps(request, ensure_ascii=False).encode("utf-8"))
         try:
-            done = self.recorder(entry) if self.recorder else None
+            done = recorder(entry) if recorder else None
         except Exception as exc:  # unrecorded means unsent: the ledger must hold every byte
             entry.outcome = NOT_SENT
             stream._finish(NOT_SENT, _one_line(exc))
@@ -239,8 +250,8 @@ class CloudClient:
         started = False
         outcome, error, finished = OK, "", False
         try:
-            endpoint = (self._client.chat.completions if self.target.api == "chat"
-                        else self._client.completions)
+            sdk = self._sdk()
+            endpoint = sdk.chat.completions if self.target.api == "chat" else sdk.completions
             raw = endpoint.with_raw_response.create(**request)
             stream._response = raw.http_response
             started = True

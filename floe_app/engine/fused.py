@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from floe_app.config import FusionSettings
-from floe_app.engine.cloud import CANCELLED, OK, CloudClient, CloudStream
+from floe_app.engine.cloud import CANCELLED, OK, CloudClient, CloudStream, Recorder
 from floe_app.engine.fusion import (
     Vocabulary,
     align,
@@ -75,9 +75,11 @@ class FusedChooser:
     def __init__(self, vocab: Vocabulary, client: CloudClient,
                  cloud_messages: list[dict[str, str]], redactor: Redactor,
                  settings: FusionSettings, sampling: Sampling, stats: FusionStats,
-                 base_logprobs: Callable[[list[int]], np.ndarray] | None = None) -> None:
+                 base_logprobs: Callable[[list[int]], np.ndarray] | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.vocab = vocab
         self.client = client
+        self.recorder = recorder
         self.cloud_messages = cloud_messages
         self.redactor = redactor
         self.settings = settings
@@ -97,7 +99,9 @@ class FusedChooser:
     def _start_stream(self) -> None:
         clear = safe_prefix(self.reply.decode("utf-8", errors="ignore")).rstrip(" ")
         self.origin = len(clear.encode("utf-8"))
-        self.stream = self.client.stream(self.cloud_messages, self.redactor.redact(clear))
+        self.stream = self.client.stream(self.cloud_messages, self.redactor.redact(clear),
+                                         max_tokens=self.sampling.max_tokens,
+                                         recorder=self.recorder)
         self.streams.append(self.stream)
         self.stats.requests += 1
 

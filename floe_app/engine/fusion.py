@@ -45,6 +45,7 @@ class Vocabulary:
     by_piece: dict[bytes, list[int]] = field(init=False)
     sorted_pieces: list[bytes] = field(init=False)
     sorted_ids: np.ndarray = field(init=False)
+    _support_cache: dict[bytes, np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_piece = {}
@@ -59,6 +60,16 @@ class Vocabulary:
         return len(self.pieces)
 
     def supporting(self, candidate: bytes) -> np.ndarray:
+        """SLM tokens consistent with the candidate (cached: cloud tokens recur)."""
+        cached = self._support_cache.get(candidate)
+        if cached is None:
+            cached = self._supporting(candidate)
+            if len(self._support_cache) > 50_000:
+                self._support_cache.clear()
+            self._support_cache[candidate] = cached
+        return cached
+
+    def _supporting(self, candidate: bytes) -> np.ndarray:
         """SLM tokens whose text is consistent with the candidate: a prefix of it, or it
         and more (the SLM token then runs past what the cloud has said)."""
         if candidate == END:
@@ -112,9 +123,7 @@ def cloud_distribution(vocab: Vocabulary, slm_logprobs: np.ndarray,
     the mass outside the top-k, and that of candidates the SLM cannot write, is spread in
     proportion to the SLM's distribution, so no token gets zero.
     """
-    p = np.exp(slm_logprobs - slm_logprobs.max())
-    p /= p.sum()
-    q = np.zeros_like(p)
+    p = np.exp(slm_logprobs)  # already normalized
     supports = []
     masses = []
     for text, logprob in candidates:
@@ -124,13 +133,15 @@ def cloud_distribution(vocab: Vocabulary, slm_logprobs: np.ndarray,
             masses.append(float(np.exp(logprob)))
     covered = sum(masses)
     scale = min(1.0, (1.0 - MIN_REST) / covered) if covered > 0 else 0.0
+    q = p * max(0.0, 1.0 - covered * scale)
     for ids, mass in zip(supports, masses, strict=True):
         weights = p[ids]
         total = weights.sum()
         if total > 0:
-            np.add.at(q, ids, mass * scale * weights / total)
-    q += max(0.0, 1.0 - covered * scale) * p
-    return np.log(q / q.sum())
+            q[ids] += weights * (mass * scale / total)  # ids are unique within a support
+        else:  # the SLM gives these tokens no mass at all: spread it like the rest
+            q += p * (mass * scale)
+    return np.log(q)  # sums to 1 by construction: the rest plus each candidate's share
 
 
 def entropy(logprobs: np.ndarray) -> float:

@@ -135,6 +135,7 @@ class FloeApp(App[None]):
             self.post_message(ModelState("error", str(exc)))
         else:
             self.post_message(ModelState("ready", engine.name))
+            self.session.warm_cloud()
 
     def on_model_state(self, message: ModelState) -> None:
         status = self.query_one(StatusBar)
