@@ -29,7 +29,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check floe_app tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/local_decode.py
+	$(BIN)/python -m benchmarks.local_decode
+	$(BIN)/python -m benchmarks.fusion_latency
+	$(BIN)/python -m benchmarks.fusion_quality
 
 dist: $(STAMP)
 	rm -rf dist

@@ -67,6 +67,11 @@ class FaultProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         faults = Faults(**vars(self.faults))
         self.connections += 1
+        with contextlib.suppress(asyncio.CancelledError):  # closing the proxy cancels us
+            await self._serve(reader, writer, faults)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     faults: Faults) -> None:
         try:
             if faults.status is not None:
                 await self._answer_status(reader, writer, faults.status)
