@@ -28,7 +28,7 @@ from floe_app.engine.cloud import (
 )
 from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats
 from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback, resolve_model_path
-from floe_app.engine.redact import Redactor, Restorer
+from floe_app.engine.redact import Redactor, Restorer, private_terms
 from floe_app.engine.sampling import Sampling
 from floe_app.errors import FloeError
 from floe_app.store import Conversation, Message, Store
@@ -287,9 +287,11 @@ class ChatSession:
         else:
             target = self.cloud_target()
             assert target is not None
-            run.redactor = Redactor(terms=list(self.config.privacy.redact_terms))
             # The same turns the local model sees, minus the private context, redacted.
             run.public_messages = [public_system, *prompt.messages[1:]]
+            public_text = "\n".join(m["content"] for m in run.public_messages)
+            run.redactor = Redactor(terms=[*self.config.privacy.redact_terms,
+                                           *private_terms(self.private_context, public_text)])
             cloud_messages = [{"role": m["role"], "content": run.redactor.redact(m["content"])}
                               for m in run.public_messages]
             run.fusion = FusionStats()

@@ -82,3 +82,14 @@ def test_safe_prefix_holds_back_partial_words_and_numbers():
     assert safe_prefix("Hello there, friend") == "Hello there, "
     assert safe_prefix("Hello") == ""
     assert safe_prefix("Card: 4111 1111 1111 ") == "Card: "
+
+
+def test_private_note_words_missing_from_the_public_text_become_terms():
+    from floe_app.engine.redact import private_terms
+
+    notes = ["The user's dog is named Biscotti.", "The user works as a nurse in Lisbon."]
+    terms = private_terms(notes, "What is my dog's name? I work in Lisbon")
+    assert terms == ["Biscotti", "nurse"]
+    redactor = Redactor(terms=terms)
+    assert redactor.redact("Your dog Biscotti, a nurse's friend") == \
+        "Your dog [TERM_1], a [TERM_2]'s friend"

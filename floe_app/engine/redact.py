@@ -118,3 +118,33 @@ def safe_prefix(text: str) -> str:
     head = text[: cut + 1] if cut >= 0 else ""
     match = re.search(r"[\d+(][\d\s().+-]*$", head)
     return head[: match.start()] if match else head
+
+
+# Words too common to identify anyone; kept out of the terms derived from private notes.
+COMMON_WORDS = frozenset("""
+a about above after again all also am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from further
+had has have having he her here hers him his how i if in into is it its itself just like me
+more most my myself no nor not now of off on once only or other our ours out over own same
+she should so some such than that the their theirs them then there these they this those
+through to too under until up user user's users very was we were what when where which while
+who whom why will with would you your yours yourself called named name is has lives live
+works work drives drive favourite favorite
+""".split())
+
+
+def private_terms(notes: list[str], public_text: str) -> list[str]:
+    """Words of the user's private notes that the public conversation does not contain.
+
+    The local model may repeat them in its reply, and the reply so far is sent to the cloud
+    to continue; these are redacted there like user-listed terms.
+    """
+    public = {w.casefold() for w in re.findall(r"\w+", public_text)}
+    terms: list[str] = []
+    for note in notes:
+        for word in re.findall(r"\w[\w'-]*\w|\w", note):
+            key = word.casefold()
+            if (len(word) >= 3 and key not in COMMON_WORDS and key not in public
+                    and key not in (t.casefold() for t in terms)):
+                terms.append(word)
+    return terms
