@@ -133,7 +133,7 @@ COMMON_WORDS = frozenset({
     "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up",
     "user", "user's", "users", "very", "was", "we", "were", "what", "when", "where", "which",
     "while", "who", "whom", "why", "will", "with", "would", "you", "your", "yours",
-    "yourself", "called", "named", "name", "is", "has", "lives", "live", "works", "work",
+    "yourself", "called", "named", "name", "lives", "live", "works", "work",
     "drives", "drive", "favourite", "favorite",
 })
 
