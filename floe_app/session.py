@@ -178,10 +178,6 @@ class ChatSession:
                 self._engine_key = key
             return self._engine
 
-    @property
-    def loaded_engine(self) -> LocalEngine | None:
-        return self._engine
-
     def base_engine(self) -> LocalEngine:
         """A second instance of the local model, for the proxy-tuning form's base."""
         main = self.engine()
@@ -340,16 +336,10 @@ class ChatSession:
                                recorder=run.recorder)
         run.fusion.requests += 1
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        started = last = time.perf_counter()
+        stats.begin()
         try:
             for token in stream.follow(cancel):
-                now = time.perf_counter()
-                if stats.tokens == 0:
-                    stats.ttft_ms = (now - started) * 1000
-                else:
-                    stats.gaps_ms.append((now - last) * 1000)
-                last = now
-                stats.tokens += 1
+                stats.token()
                 yield decoder.decode(token.text)
         finally:
             stream.cancel()
@@ -357,8 +347,6 @@ class ChatSession:
             if stream.entry is not None:
                 run.fusion.bytes_sent += stream.entry.bytes_sent
                 run.fusion.bytes_received += stream.entry.bytes_received
-        if stats.gaps_ms:
-            stats.tokens_per_s = len(stats.gaps_ms) / (sum(stats.gaps_ms) / 1000)
         if cancel is not None and cancel.is_set():
             stats.finish_reason = "cancelled"
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -59,6 +60,23 @@ def session(store: Store, config: Config, engine: LocalEngine) -> ChatSession:
     session._engine = engine
     session._engine_key = session._wanted_engine_key()
     return session
+
+
+@contextlib.contextmanager
+def prompts_seen(engine: LocalEngine):
+    """Record the text of every prompt the local model is asked to continue."""
+    seen: list[str] = []
+    original = engine.generate
+
+    def spy(tokens, *args, **kwargs):
+        seen.append(engine.detokenize(tokens))
+        return original(tokens, *args, **kwargs)
+
+    engine.generate = spy
+    try:
+        yield seen
+    finally:
+        del engine.generate
 
 
 def run_floe(*args: str, env_home: Path, input: str | None = None, timeout: float = 120,

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from floe_app.session import ChatSession, Delta, Finished, Notice
-from tests.conftest import run_floe
+from tests.conftest import prompts_seen, run_floe
 from tests.support.cloud_server import free_port
 
 pytestmark = pytest.mark.slow
@@ -204,19 +204,8 @@ def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):
 def test_private_context_reaches_the_local_model_only(make_session, cloud_config, store):
     session = make_session(cloud_config)
     session.private_context = ["The user's dog is called Biscotti."]
-    engine = session.engine()
-    seen = []
-    original = engine.generate
-
-    def spy(tokens, *args, **kwargs):
-        seen.append(engine.detokenize(tokens))
-        return original(tokens, *args, **kwargs)
-
-    engine.generate = spy
-    try:
+    with prompts_seen(session.engine()) as seen:
         reply(session, "What is my dog called?")
-    finally:
-        del engine.generate
     assert "Biscotti" in seen[0]
     assert store.ledger() and all("Biscotti" not in r.text_sent for r in store.ledger())
 

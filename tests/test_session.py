@@ -15,6 +15,7 @@ from floe_app.session import (
     fit_prompt,
     title_from,
 )
+from tests.conftest import prompts_seen
 
 
 def collect(events):
@@ -57,19 +58,8 @@ def test_the_reply_is_in_the_database_while_it_streams(session, store, monkeypat
 def test_follow_up_sees_the_earlier_turns(session, store):
     cid = session.new_conversation()
     collect(session.reply(cid, "My name is Ada."))
-    engine = session.engine()
-    seen = []
-    original = engine.generate
-
-    def spy(tokens, *args, **kwargs):
-        seen.append(engine.detokenize(tokens))
-        return original(tokens, *args, **kwargs)
-
-    engine.generate = spy
-    try:
+    with prompts_seen(session.engine()) as seen:
         collect(session.reply(cid, "What is my name?"))
-    finally:
-        del engine.generate
     assert "My name is Ada." in seen[0] and "What is my name?" in seen[0]
     assert len(store.messages(cid)) == 4
 

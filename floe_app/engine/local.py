@@ -152,6 +152,25 @@ class GenerationStats:
     tokens_per_s: float = 0.0
     finish_reason: str = ""
     gaps_ms: list[float] = field(default_factory=list)
+    _started: float = field(default_factory=time.perf_counter, repr=False)
+    _last: float = field(default=0.0, repr=False)
+    _decoding_s: float = field(default=0.0, repr=False)
+
+    def begin(self) -> None:
+        """Time to first token counts from here (if no token came before)."""
+        self._started = self._last = time.perf_counter()
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.tokens == 0:
+            self.ttft_ms = (now - self._started) * 1000
+        else:
+            self.gaps_ms.append((now - self._last) * 1000)
+            self._decoding_s += now - self._last
+            # The decode rate after the first token, as llama.cpp reports it.
+            self.tokens_per_s = len(self.gaps_ms) / max(self._decoding_s, 1e-9)
+        self._last = now
+        self.tokens += 1
 
 
 class LocalEngine:
@@ -279,7 +298,7 @@ class LocalEngine:
         rng = np.random.default_rng(None if sampling.seed < 0 else sampling.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens = list(prompt_tokens)
-        started = last = time.perf_counter()
+        stats.begin()
         with self.lock:
             stats.finish_reason = "length"
             for _ in range(sampling.max_tokens):
@@ -294,24 +313,14 @@ class LocalEngine:
                 if self.is_end_of_generation(token):
                     stats.finish_reason = "stop"
                     break
-                now = time.perf_counter()
-                if stats.tokens == 0:
-                    stats.ttft_ms = (now - started) * 1000
-                else:
-                    stats.gaps_ms.append((now - last) * 1000)
-                last = now
+                stats.token()
                 tokens.append(token)
-                stats.tokens += 1
                 piece = self._llm.detokenize([token])
                 chooser.accept(token, piece)
                 yield TokenStep(token, decoder.decode(piece), float(logprobs[token]))
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield TokenStep(-1, tail, 0.0)
-        decoding_s = sum(stats.gaps_ms) / 1000
-        if decoding_s > 0:
-            # Decode rate after the first token, as llama.cpp reports it.
-            stats.tokens_per_s = len(stats.gaps_ms) / decoding_s
 
     # LoRA adapters
 
