@@ -155,13 +155,15 @@ class FusedChooser:
             return sample_token(logprobs, self.sampling, rng)
         self.misses = 0
         started = time.perf_counter()
-        cloud = cloud_distribution(self.vocab, logprobs, candidates)
+        probs = np.exp(logprobs)
+        cloud = cloud_distribution(self.vocab, logprobs, candidates, probs)
         if self.settings.form == "proxy":
             # Without private context or an adapter the SLM is its own base: the cloud alone.
             base = self.base_logprobs(self.tokens) if self.base_logprobs else logprobs
             fused = fuse_proxy_tuning(cloud, logprobs, base, self.settings.beta)
         else:
-            weight = cloud_weight(logprobs, self.settings.lambda_min, self.settings.lambda_max)
+            weight = cloud_weight(logprobs, self.settings.lambda_min, self.settings.lambda_max,
+                                  probs)
             fused = fuse_log_linear(logprobs, cloud, weight)
         self.stats.fusion_ms.append((time.perf_counter() - started) * 1000)
         best = max(candidates, key=lambda c: c[1])[0]

@@ -115,7 +115,8 @@ def align(tokens: list[CloudToken], written: bytes, finished: bool
 
 
 def cloud_distribution(vocab: Vocabulary, slm_logprobs: np.ndarray,
-                       candidates: list[tuple[bytes, float]]) -> np.ndarray:
+                       candidates: list[tuple[bytes, float]],
+                       slm_probs: np.ndarray | None = None) -> np.ndarray:
     """The cloud's top-k spread over the SLM vocabulary, as log-probabilities.
 
     Each candidate's mass goes to the SLM tokens consistent with it, shared in proportion
@@ -123,7 +124,7 @@ def cloud_distribution(vocab: Vocabulary, slm_logprobs: np.ndarray,
     the mass outside the top-k, and that of candidates the SLM cannot write, is spread in
     proportion to the SLM's distribution, so no token gets zero.
     """
-    p = np.exp(slm_logprobs)  # already normalized
+    p = np.exp(slm_logprobs) if slm_probs is None else slm_probs
     supports = []
     masses = []
     for text, logprob in candidates:
@@ -144,14 +145,16 @@ def cloud_distribution(vocab: Vocabulary, slm_logprobs: np.ndarray,
     return np.log(q)  # sums to 1 by construction: the rest plus each candidate's share
 
 
-def entropy(logprobs: np.ndarray) -> float:
-    p = np.exp(logprobs)
-    return float(-(p * logprobs).sum())
+def entropy(logprobs: np.ndarray, probs: np.ndarray | None = None) -> float:
+    p = np.exp(logprobs) if probs is None else probs
+    return float(-np.dot(p, logprobs))
 
 
-def cloud_weight(slm_logprobs: np.ndarray, lambda_min: float, lambda_max: float) -> float:
+def cloud_weight(slm_logprobs: np.ndarray, lambda_min: float, lambda_max: float,
+                 slm_probs: np.ndarray | None = None) -> float:
     """λ for this position: near lambda_min where the SLM is sure, lambda_max where unsure."""
-    return lambda_min + (lambda_max - lambda_min) * (1.0 - np.exp(-entropy(slm_logprobs)))
+    uncertainty = 1.0 - np.exp(-entropy(slm_logprobs, slm_probs))
+    return lambda_min + (lambda_max - lambda_min) * uncertainty
 
 
 def _normalize(logits: np.ndarray) -> np.ndarray:
@@ -162,7 +165,10 @@ def _normalize(logits: np.ndarray) -> np.ndarray:
 def fuse_log_linear(slm_logprobs: np.ndarray, cloud_logprobs: np.ndarray,
                     weight: float) -> np.ndarray:
     """log p = (1 - λ)·log p_slm + λ·log q_cloud, renormalized."""
-    return _normalize((1.0 - weight) * slm_logprobs + weight * cloud_logprobs)
+    mixed = (1.0 - weight) * slm_logprobs + weight * cloud_logprobs
+    # A mix of log-probabilities: every entry <= 0 and the largest >= -log(vocabulary
+    # size), so exp() neither overflows nor loses the mass; no max shift needed.
+    return mixed - np.log(np.exp(mixed).sum())
 
 
 def fuse_proxy_tuning(cloud_logprobs: np.ndarray, tuned_logprobs: np.ndarray,
