@@ -147,7 +147,7 @@ def cloud_distribution(vocab: Vocabulary, slm_logprobs: np.ndarray,
 
 def entropy(logprobs: np.ndarray, probs: np.ndarray | None = None) -> float:
     p = np.exp(logprobs) if probs is None else probs
-    return float(-np.dot(p, logprobs))
+    return float(-(p * logprobs).sum())  # not np.dot: BLAS threads fight the decoder for cores
 
 
 def cloud_weight(slm_logprobs: np.ndarray, lambda_min: float, lambda_max: float,
