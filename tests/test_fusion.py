@@ -153,3 +153,10 @@ def test_align_always_offers_the_rest_of_the_clouds_own_token(texts, data):
     offered = align(tokens, text[:cut], False)
     assume(offered is not None)
     assert any(text[cut:].startswith(rest) for rest, _ in offered)
+
+
+def test_an_unsure_cloud_gets_less_weight():
+    unsure_slm = log_softmax(np.zeros(16))
+    assert cloud_weight(unsure_slm, 0.1, 0.9, cloud_confidence=0.0) == pytest.approx(0.1)
+    assert (cloud_weight(unsure_slm, 0.1, 0.9, cloud_confidence=0.3)
+            < cloud_weight(unsure_slm, 0.1, 0.9, cloud_confidence=0.9))

@@ -162,8 +162,9 @@ class FusedChooser:
             base = self.base_logprobs(self.tokens) if self.base_logprobs else logprobs
             fused = fuse_proxy_tuning(cloud, logprobs, base, self.settings.beta)
         else:
+            confidence = float(np.exp(max(lp for _, lp in candidates)))
             weight = cloud_weight(logprobs, self.settings.lambda_min, self.settings.lambda_max,
-                                  probs)
+                                  probs, min(1.0, confidence))
             fused = fuse_log_linear(logprobs, cloud, weight)
         self.stats.fusion_ms.append((time.perf_counter() - started) * 1000)
         best = max(candidates, key=lambda c: c[1])[0]

@@ -151,10 +151,11 @@ def entropy(logprobs: np.ndarray, probs: np.ndarray | None = None) -> float:
 
 
 def cloud_weight(slm_logprobs: np.ndarray, lambda_min: float, lambda_max: float,
-                 slm_probs: np.ndarray | None = None) -> float:
-    """λ for this position: near lambda_min where the SLM is sure, lambda_max where unsure."""
+                 slm_probs: np.ndarray | None = None, cloud_confidence: float = 1.0) -> float:
+    """λ for this position: near lambda_min where the SLM is sure, up to lambda_max where it
+    is unsure and the cloud is sure (cloud_confidence: its top candidate's probability)."""
     uncertainty = 1.0 - np.exp(-entropy(slm_logprobs, slm_probs))
-    return lambda_min + (lambda_max - lambda_min) * uncertainty
+    return lambda_min + (lambda_max - lambda_min) * uncertainty * cloud_confidence
 
 
 def _normalize(logits: np.ndarray) -> np.ndarray:
