@@ -8,25 +8,27 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile plugins/floe-files/pyproject.toml plugins/floe-clock/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# llama-cpp-python compiles from source the first time (a C/C++ compiler, ~4 min on 2 cores).
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The example plugins, so their own tests run with everyone else's.
+	$(BIN)/python -m pip install --quiet -e plugins/floe-files -e plugins/floe-clock
 	touch $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/floe
 
 test: $(STAMP)
-	$(BIN)/ruff check floe_app tests benchmarks
+	$(BIN)/ruff check floe_app tests benchmarks plugins
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check floe_app tests benchmarks
+	$(BIN)/ruff check floe_app tests benchmarks plugins
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.local_decode

@@ -18,6 +18,7 @@ from floe_app.errors import FloeError, UsageError
 if TYPE_CHECKING:
     from floe_app.config import Config
     from floe_app.paths import Paths
+    from floe_app.plugins import Plugins
     from floe_app.session import ChatSession
 
 
@@ -62,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--json", action="store_true")
     ledger.add_argument("--full", action="store_true", help="print the whole text sent")
 
+    plugins = commands.add_parser("plugins", help="list, install or uninstall plugins")
+    plugin_commands = plugins.add_subparsers(dest="plugins_command", metavar="ACTION",
+                                             required=True)
+    plugin_list = plugin_commands.add_parser("list", help="installed plugins and their hooks")
+    plugin_list.add_argument("--json", action="store_true")
+    plugin_install = plugin_commands.add_parser(
+        "install", help="install a plugin (a PyPI name or a path) into Floe's own environment")
+    plugin_install.add_argument("target", nargs="+", metavar="NAME|PATH")
+    plugin_uninstall = plugin_commands.add_parser("uninstall", help="remove a plugin")
+    plugin_uninstall.add_argument("name", nargs="+")
+
     doctor = commands.add_parser("doctor", help="check the model, the CPU, paths and versions")
     doctor.add_argument("--json", action="store_true")
     return parser
@@ -69,12 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in BUILTIN_COMMANDS:
+        # Not one of ours: perhaps a plugin's command (plugins load only on this path).
+        handled = run_plugin_command(argv[0], argv[1:])
+        if handled is not None:
+            return handled
     args = parser.parse_args(argv)
     try:
         if args.command is None:
             return run_tui(args)
         handler = {"ask": cmd_ask, "history": cmd_history, "ledger": cmd_ledger,
-                   "doctor": cmd_doctor}[args.command]
+                   "plugins": cmd_plugins, "doctor": cmd_doctor}[args.command]
         return handler(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
@@ -91,6 +109,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+BUILTIN_COMMANDS = {"ask", "history", "ledger", "plugins", "doctor"}
+
+
+def load_plugins() -> Plugins:
+    from floe_app.plugins import Plugins
+
+    plugins = Plugins()
+    for problem in plugins.problems:
+        print(f"floe: warning: {problem}", file=sys.stderr)
+    return plugins
+
+
+def run_plugin_command(name: str, words: list[str]) -> int | None:
+    """Run `floe NAME ARGS` if a plugin provides NAME; None when none does."""
+    plugins = load_plugins()
+    if name not in plugins.commands():
+        return None
+    try:
+        session = open_session(argparse.Namespace(model=None), plugins)
+        print(session.run_command(None, f"/{name} {' '.join(words)}"))
+    except FloeError as exc:
+        print(f"floe: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    import subprocess
+
+    if args.plugins_command in ("install", "uninstall"):
+        # Floe's own interpreter: under pipx that is Floe's private environment.
+        names = args.target if args.plugins_command == "install" else ["--yes", *args.name]
+        command = [sys.executable, "-m", "pip", args.plugins_command, "--quiet", *names]
+        if subprocess.run(command).returncode != 0:
+            raise FloeError(f"pip could not {args.plugins_command} {' '.join(names)}")
+        return 0
+    plugins = load_plugins()
+    plugins.commands()  # calling the hooks is what finds a plugin that raises or hangs
+    infos = list(plugins.infos.values())
+    if args.json:
+        print(json.dumps([vars(i) for i in infos]))
+        return 0
+    if not infos:
+        print("No plugins installed. Try: floe plugins install floe-clock")
+    for info in infos:
+        state = f"DISABLED: {info.error}" if info.error else ", ".join(info.hooks)
+        print(f"{info.name} {info.version}  {state}")
+    return 0
+
+
 def load_settings(report: bool = True) -> tuple[Paths, Config, list[str]]:
     from floe_app.config import load_config
     from floe_app.paths import resolve_paths
@@ -102,14 +170,14 @@ def load_settings(report: bool = True) -> tuple[Paths, Config, list[str]]:
     return paths, config, warnings
 
 
-def open_session(args: argparse.Namespace) -> ChatSession:
+def open_session(args: argparse.Namespace, plugins: Plugins | None = None) -> ChatSession:
     from floe_app.session import ChatSession
     from floe_app.store import Store
 
     paths, config, _ = load_settings()
     store = Store(paths.database)
     store.mark_interrupted()
-    return ChatSession(store, config, model_override=args.model)
+    return ChatSession(store, config, model_override=args.model, plugins=plugins)
 
 
 def run_tui(args: argparse.Namespace) -> int:
@@ -134,7 +202,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    session = open_session(args)
+    session = open_session(args, load_plugins())
     if args.mode != "local":
         session.warm_cloud()
     conversation_id = args.conversation or session.store.create_conversation()

@@ -31,6 +31,7 @@ from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback
 from floe_app.engine.redact import Redactor, Restorer, private_terms
 from floe_app.engine.sampling import Sampling
 from floe_app.errors import FloeError
+from floe_app.plugins import Plugins
 from floe_app.store import Conversation, Message, Store
 
 # How often a streaming reply is saved: what a crash can lose at most.
@@ -139,8 +140,11 @@ class ChatSession:
     """One user's chat state: the store, the settings and the (lazily loaded) local model."""
 
     def __init__(self, store: Store, config: Config, model_override: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, plugins: Plugins | None = None) -> None:
         self.store = store
+        self.plugins = plugins
+        # Text attached to a conversation by commands such as /attach: local model only.
+        self.attachments: dict[int, list[str]] = {}
         self.config = config
         self.model_override = model_override
         self.env = env  # None: the process environment (FLOE_CLOUD_*, the API key)
@@ -191,13 +195,32 @@ class ChatSession:
         return Sampling(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                         max_tokens=c.max_tokens, seed=c.seed)
 
-    def _local_system(self, public: dict[str, str]) -> dict[str, str]:
+    def private_notes(self, conversation_id: int) -> list[str]:
+        """Everything for the local model only: facts, plugin context, attachments."""
+        plugin_context = self.plugins.context() if self.plugins else []
+        return [*self.private_context, *plugin_context,
+                *self.attachments.get(conversation_id, [])]
+
+    @staticmethod
+    def _local_system(public: dict[str, str], notes: list[str]) -> dict[str, str]:
         """The system message for the local model: the public one plus private context."""
-        if not self.private_context:
+        if not notes:
             return public
-        notes = "\n".join(f"- {note}" for note in self.private_context)
+        listed = "\n".join(f"- {note}" for note in notes)
         return {"role": "system",
-                "content": f"{public['content']}\n\nWhat you know about the user:\n{notes}"}
+                "content": f"{public['content']}\n\nWhat you know (private):\n{listed}"}
+
+    def run_command(self, conversation_id: int | None, text: str) -> str:
+        """Run `/name args` from a plugin (or /help); returns the text to show."""
+        name, _, args = text.strip().removeprefix("/").partition(" ")
+        commands = self.plugins.commands() if self.plugins else {}
+        if name in ("", "help"):
+            if not commands:
+                return "No plugin commands are installed (see `floe plugins list`)."
+            return "\n".join(f"/{c.name}: {c.help}" for c in commands.values())
+        if self.plugins is None:
+            raise FloeError(f"no command /{name}: plugins are not loaded")
+        return self.plugins.run_command(name, args.strip(), CommandContext(self, conversation_id))
 
     # The cloud
 
@@ -266,7 +289,8 @@ class ChatSession:
         engine = self.engine()
         sampling = self.sampling()
         public_system = {"role": "system", "content": self.config.chat.system_prompt}
-        system = [self._local_system(public_system)]
+        notes = self.private_notes(conversation_id)
+        system = [self._local_system(public_system, notes)]
         past = [{"role": m.role, "content": m.content} for m in history
                 if m.role in ("user", "assistant") and m.content]
         reserve = min(sampling.max_tokens, engine.n_ctx // 2)
@@ -286,8 +310,9 @@ class ChatSession:
             # The same turns the local model sees, minus the private context, redacted.
             run.public_messages = [public_system, *prompt.messages[1:]]
             public_text = "\n".join(m["content"] for m in run.public_messages)
-            run.redactor = Redactor(terms=[*self.config.privacy.redact_terms,
-                                           *private_terms(self.private_context, public_text)])
+            run.redactor = Redactor(
+                terms=[*self.config.privacy.redact_terms, *private_terms(notes, public_text)],
+                patterns=self.plugins.redaction_patterns() if self.plugins else [])
             cloud_messages = [{"role": m["role"], "content": run.redactor.redact(m["content"])}
                               for m in run.public_messages]
             run.fusion = FusionStats()
@@ -397,6 +422,21 @@ class ChatSession:
             self.store.update_message(reply_id, content="".join(parts), status=status,
                                       stats=summary)
         yield Finished(reply_id, "".join(parts), status, summary)
+
+
+@dataclass
+class CommandContext:
+    """What a plugin command may do to the conversation it was typed in."""
+
+    session: ChatSession
+    conversation_id: int | None
+
+    def attach(self, label: str, text: str) -> None:
+        """Give text to the local model (never to a cloud) for the rest of this chat."""
+        if self.conversation_id is None:
+            raise FloeError("start a chat before attaching to it")
+        self.session.attachments.setdefault(self.conversation_id, []).append(
+            f"{label}:\n{text}")
 
 
 @dataclass

@@ -54,6 +54,7 @@ class Redactor:
     """Replaces personal data with stable placeholders: the same value, the same placeholder."""
 
     terms: list[str] = field(default_factory=list)
+    patterns: list[re.Pattern[str]] = field(default_factory=list)  # from plugins
     placeholders: dict[str, str] = field(default_factory=dict)  # original -> placeholder
 
     def _rules(self) -> list[tuple[str, re.Pattern[str], Callable[[str], bool]]]:
@@ -63,6 +64,7 @@ class Redactor:
             ("CARD", CARD, luhn_valid),
             ("PHONE", PHONE, lambda s: 7 <= _digits(s) <= 15),
         ]
+        rules += [("TERM", pattern, lambda s: bool(s)) for pattern in self.patterns]
         words = [re.escape(t.strip()) for t in self.terms if t.strip()]
         if words:
             words.sort(key=len, reverse=True)  # longest first: "Ada Lovelace" before "Ada"

@@ -67,6 +67,14 @@ class ReplyProgress(Message):
         self.text = text  # the user's message, given back to them if it was never saved
 
 
+class CommandResult(Message):
+    def __init__(self, command: str, text: str, failed: bool = False) -> None:
+        super().__init__()
+        self.command = command
+        self.text = text
+        self.failed = failed
+
+
 class FloeApp(App[None]):
     TITLE = "Floe"
     CSS_PATH = str(assets_dir() / "floe.tcss")
@@ -98,6 +106,7 @@ class FloeApp(App[None]):
         self.generating = False
         self._cancel = threading.Event()
         self._streams: dict[MessageView, MarkdownStream] = {}
+        self._reported: set[str] = set()  # plugin problems already shown
 
     @property
     def store(self) -> Store:
@@ -127,6 +136,11 @@ class FloeApp(App[None]):
 
     @work(thread=True, exclusive=True, group="model")
     def load_model(self) -> None:
+        if self.session.plugins is None:  # off the UI thread: plugins import their own code
+            from floe_app.plugins import Plugins
+
+            self.session.plugins = Plugins()
+            self.call_from_thread(self.report_plugin_problems)
         self.post_message(ModelState("loading"))
         try:
             engine = self.session.engine(
@@ -202,6 +216,13 @@ class FloeApp(App[None]):
             self.notify("Floe is still replying: wait, or press Esc to stop it.",
                         severity="warning")
             return
+        if text.lstrip().startswith("/"):
+            event.prompt.clear()
+            if self.conversation_id is None:
+                self.conversation_id = self.session.new_conversation()
+                await self.refresh_sidebar()
+            self.run_slash_command(text.strip())
+            return
         if self.conversation_id is None:
             self.conversation_id = self.session.new_conversation()
             if self.pending_mode:
@@ -256,6 +277,27 @@ class FloeApp(App[None]):
                     self.notify("Your message was not saved; it is back in the message box.",
                                 severity="warning")
             await self.refresh_sidebar()
+
+    @work(thread=True, group="command")
+    def run_slash_command(self, text: str) -> None:
+        try:
+            result = self.session.run_command(self.conversation_id, text)
+        except FloeError as exc:
+            self.post_message(CommandResult(text, str(exc), failed=True))
+        else:
+            self.post_message(CommandResult(text, result))
+
+    async def on_command_result(self, message: CommandResult) -> None:
+        chat = self.query_one(ChatView)
+        heading = f"`{message.command}`" + (" failed" if message.failed else "")
+        await chat.add_notice(f"{heading}\n\n{message.text}")
+        self.report_plugin_problems()
+
+    def report_plugin_problems(self) -> None:
+        for problem in self.session.plugins.problems if self.session.plugins else []:
+            if problem not in self._reported:
+                self._reported.add(problem)
+                self.notify(problem, title="Plugin", severity="warning", timeout=10)
 
     # Actions
 
