@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.local_decode
 	$(BIN)/python -m benchmarks.fusion_latency
 	$(BIN)/python -m benchmarks.fusion_quality
+	$(BIN)/python -m benchmarks.startup
 
 dist: $(STAMP)
 	rm -rf dist
