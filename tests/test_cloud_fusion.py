@@ -70,9 +70,9 @@ def test_first_token_never_waits_for_the_cloud(make_session, cloud_config, proxy
     proxy.faults.delay_s = 0.5  # a 1 s round trip
     session = make_session(cloud_config)
     _, done, _ = reply(session)
+    # The cloud cannot answer before 1 s; gap figures are benchmarks/fusion_latency.py's.
     assert done.stats["ttft_ms"] < 500
-    # A loaded 2-core machine adds scheduling delay; benchmarks/ measures the real figure.
-    assert done.stats["p95_gap_ms"] <= cloud_config.fusion.deadline_ms * 1.5
+    assert done.stats["cloud"]["absent"] > 0
 
 
 def test_unreachable_cloud_gives_exactly_the_local_reply(make_session, cloud_config, store):

@@ -14,7 +14,7 @@ def test_log_softmax_is_normalized_finite_and_order_preserving(logits):
     lp = log_softmax(logits)
     assert np.all(np.isfinite(lp))
     assert abs(np.exp(lp).sum() - 1) < 1e-9
-    assert np.argmax(lp) == np.argmax(logits)
+    assert lp[np.argmax(logits)] == lp.max()  # ties within float precision may reorder
 
 
 @given(logits_arrays, st.integers(0, 2**32 - 1))

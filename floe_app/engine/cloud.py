@@ -280,7 +280,9 @@ class CloudClient:
         entry.outcome = outcome
         stream._finish(outcome, error, finished)
         if done is not None:
-            done(entry)
+            # The app may have closed the database meanwhile: the row then keeps "sending".
+            with contextlib.suppress(Exception):
+                done(entry)
 
 
 def _chunk_tokens(choice: Any, api: str) -> list[tuple[bytes, list[tuple[bytes, float]], float]]:
