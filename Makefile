@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml Makefile plugins/floe-files/pyproject.toml plugins/floe
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# llama-cpp-python compiles from source the first time (a C/C++ compiler, ~4 min on 2 cores).
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# A CPU build of torch first: an unpinned torch resolves to a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev,train]'
 	# The example plugins, so their own tests run with everyone else's.
 	$(BIN)/python -m pip install --quiet -e plugins/floe-files -e plugins/floe-clock
 	touch $(STAMP)

@@ -226,6 +226,11 @@ class LocalEngine:
             engine.set_adapter(adapter)
         return engine
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The GGUF's key/value metadata, as llama.cpp reports it."""
+        return dict(self._llm.metadata)
+
     def close(self) -> None:
         with self.lock:
             self._llm.close()
