@@ -62,6 +62,7 @@ def write_gguf_adapter(path: Path, state: dict[str, np.ndarray], *, alpha: float
     """Write the adapter atomically: a crash leaves the old file or none, never half of one."""
     import gguf
 
+    tensors = gguf_tensors(state, base)  # refuses bad input before a file is touched
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -70,7 +71,7 @@ def write_gguf_adapter(path: Path, state: dict[str, np.ndarray], *, alpha: float
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(alpha))
     writer.add_string("floe.base_model", base.name)
-    for name, array in sorted(gguf_tensors(state, base).items()):
+    for name, array in sorted(tensors.items()):
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -55,6 +55,11 @@ def load_base(gguf_path: Path, cache_dir: Path) -> tuple[Any, Any]:
                 AutoTokenizer.from_pretrained(cached))
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are plain float32 now; transformers only refuses to save them because it
+    # remembers they came from a GGUF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(cached)
     tokenizer.save_pretrained(cached)
     return model, tokenizer
@@ -64,7 +69,7 @@ def encode(tokenizer: Any, prompt: list[dict[str, str]], answer: str,
            max_tokens: int) -> tuple[list[int], list[int]]:
     """Token ids and labels for one example; only the answer's tokens are learned."""
     head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    head = list(head["input_ids"] if isinstance(head, dict) else head)
+    head = list(head["input_ids"] if hasattr(head, "keys") else head)  # BatchEncoding or list
     body = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     ids = (head + body)[:max_tokens]
     labels = ([-100] * len(head) + body)[:max_tokens]
