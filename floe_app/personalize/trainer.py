@@ -106,9 +106,9 @@ def train_lora(model: Any, tokenizer: Any, examples: list[tuple[list[dict[str, s
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        result.losses.append(float(loss))
+        result.losses.append(loss.detach().item())
         if progress is not None:
-            progress(step + 1, float(loss))
+            progress(step + 1, result.losses[-1])
     result.state = {k: v.detach().cpu().numpy()
                     for k, v in get_peft_model_state_dict(peft_model).items()}
     peft_model.unload()  # leaves the base model as it was, for the next run
