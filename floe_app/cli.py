@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to write (default: floe-ID.md, or .json with --format json)")
     export.add_argument("--format", choices=["markdown", "json"], default="markdown")
 
+    remember = commands.add_parser("remember", help="remember a fact about you (local only)")
+    remember.add_argument("text", nargs="+")
+    commands.add_parser("memories", help="list the facts Floe remembers")
+    forget = commands.add_parser("forget", help="forget a memory note")
+    forget.add_argument("id")
+
     ledger = commands.add_parser("ledger", help="every request that left this machine")
     ledger.add_argument("--limit", type=int, default=20)
     ledger.add_argument("--json", action="store_true")
@@ -92,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             return run_tui(args)
         handler = {"ask": cmd_ask, "history": cmd_history, "ledger": cmd_ledger,
-                   "plugins": cmd_plugins, "doctor": cmd_doctor}[args.command]
+                   "plugins": cmd_plugins, "doctor": cmd_doctor, "remember": cmd_memory,
+                   "memories": cmd_memory, "forget": cmd_memory}[args.command]
         return handler(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
@@ -109,7 +116,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-BUILTIN_COMMANDS = {"ask", "history", "ledger", "plugins", "doctor"}
+BUILTIN_COMMANDS = {"ask", "history", "ledger", "plugins", "doctor", "remember", "memories",
+                    "forget"}
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """floe remember / memories / forget: the same as the chat's slash commands."""
+    words = {"remember": " ".join(getattr(args, "text", [])), "forget": getattr(args, "id", ""),
+             "memories": ""}[args.command]
+    print(open_session(args).run_command(None, f"/{args.command} {words}"))
+    return 0
 
 
 def load_plugins() -> Plugins:

@@ -196,10 +196,21 @@ class ChatSession:
                         max_tokens=c.max_tokens, seed=c.seed)
 
     def private_notes(self, conversation_id: int) -> list[str]:
-        """Everything for the local model only: facts, plugin context, attachments."""
+        """Everything for the local model only: memory notes, plugin context, attachments."""
         plugin_context = self.plugins.context() if self.plugins else []
-        return [*self.private_context, *plugin_context,
+        memories = [text for _, text in self.store.memories()]
+        return [*self.private_context, *memories, *plugin_context,
                 *self.attachments.get(conversation_id, [])]
+
+    def remember(self, text: str) -> int:
+        """Store a memory note; the local model sees it from the next message on."""
+        note = " ".join(text.split())
+        if not note:
+            raise FloeError("nothing to remember: /remember TEXT")
+        if len(note) > MEMORY_MAX_CHARS:
+            raise FloeError(f"a memory note is at most {MEMORY_MAX_CHARS:,} characters"
+                            f" ({len(note):,} given); /attach a file for longer text")
+        return self.store.add_memory(note)
 
     @staticmethod
     def _local_system(public: dict[str, str], notes: list[str]) -> dict[str, str]:
@@ -213,14 +224,27 @@ class ChatSession:
     def run_command(self, conversation_id: int | None, text: str) -> str:
         """Run `/name args` from a plugin (or /help); returns the text to show."""
         name, _, args = text.strip().removeprefix("/").partition(" ")
+        if name in BUILTIN_COMMANDS:
+            return self._builtin_command(name, args.strip())
         commands = self.plugins.commands() if self.plugins else {}
         if name in ("", "help"):
-            if not commands:
-                return "No plugin commands are installed (see `floe plugins list`)."
-            return "\n".join(f"/{c.name}: {c.help}" for c in commands.values())
+            return "\n".join(f"/{c.name}: {c.help}" for c in [*BUILTIN_HELP,
+                                                                *commands.values()])
         if self.plugins is None:
             raise FloeError(f"no command /{name}: plugins are not loaded")
         return self.plugins.run_command(name, args.strip(), CommandContext(self, conversation_id))
+
+    def _builtin_command(self, name: str, args: str) -> str:
+        if name == "remember":
+            note_id = self.remember(args)
+            return (f"Remembered (note {note_id}). The local model knows it from now on; a"
+                    " cloud never sees it. /memories lists notes, /forget N removes one.")
+        if name == "forget":
+            if not args.isdigit() or not self.store.delete_memory(int(args)):
+                raise FloeError(f"no memory note {args or '?'}: /memories lists them")
+            return f"Forgot note {args}."
+        notes = self.store.memories()
+        return "\n".join(f"{i}. {t}" for i, t in notes) or "No memory notes yet."
 
     # The cloud
 
@@ -311,7 +335,8 @@ class ChatSession:
             run.public_messages = [public_system, *prompt.messages[1:]]
             public_text = "\n".join(m["content"] for m in run.public_messages)
             run.redactor = Redactor(
-                terms=[*self.config.privacy.redact_terms, *private_terms(notes, public_text)],
+                terms=list(self.config.privacy.redact_terms),
+                secrets=private_terms(notes, public_text),
                 patterns=self.plugins.redaction_patterns() if self.plugins else [])
             cloud_messages = [{"role": m["role"], "content": run.redactor.redact(m["content"])}
                               for m in run.public_messages]
@@ -422,6 +447,21 @@ class ChatSession:
             self.store.update_message(reply_id, content="".join(parts), status=status,
                                       stats=summary)
         yield Finished(reply_id, "".join(parts), status, summary)
+
+
+MEMORY_MAX_CHARS = 2_000
+BUILTIN_COMMANDS = ("remember", "forget", "memories")
+
+
+@dataclass
+class _Builtin:
+    name: str
+    help: str
+
+
+BUILTIN_HELP = [_Builtin("remember", "remember a fact about you: /remember TEXT"),
+                _Builtin("memories", "list what Floe remembers"),
+                _Builtin("forget", "forget a memory note: /forget N")]
 
 
 @dataclass

@@ -221,3 +221,12 @@ def test_kill_9_mid_reply_keeps_the_partial_reply(home):
     reply = store.messages(1)[-1]
     assert reply.status == "interrupted"
     assert reply.content.startswith(partial) and printed.startswith(reply.content)
+
+
+def test_remember_memories_forget(home):
+    result = run_floe("remember", "I", "live", "in", "Lisbon.", env_home=home)
+    assert result.returncode == 0 and result.stdout.startswith("Remembered (note 1)")
+    assert run_floe("memories", env_home=home).stdout.strip() == "1. I live in Lisbon."
+    assert run_floe("forget", "1", env_home=home).stdout.strip() == "Forgot note 1."
+    missing = run_floe("forget", "1", env_home=home)
+    assert missing.returncode == 1 and "no memory note 1" in one_line_error(missing)

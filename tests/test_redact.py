@@ -51,7 +51,8 @@ def test_user_terms_whole_words_case_insensitive_longest_first():
     redacted = redactor.redact(text)
     assert redacted == ("[TERM_1] is [TERM_2]'s dog; [TERM_3] walks [TERM_1]."
                         " Biscottis and Adam differ.")
-    assert "biscotti" in redactor.restore(redacted).lower()
+    assert redactor.restore(redacted).startswith("biscotti is Ada Lovelace's dog; Ada walks"
+                                                 " biscotti.")  # first-seen spelling
 
 
 def test_same_value_same_placeholder_across_calls():
@@ -90,6 +91,6 @@ def test_private_note_words_missing_from_the_public_text_become_terms():
     notes = ["The user's dog is named Biscotti.", "The user works as a nurse in Lisbon."]
     terms = private_terms(notes, "What is my dog's name? I work in Lisbon")
     assert terms == ["Biscotti", "nurse"]
-    redactor = Redactor(terms=terms)
-    assert redactor.redact("Your dog Biscotti, a nurse's friend") == \
-        "Your dog [TERM_1], a [TERM_2]'s friend"
+    redactor = Redactor(secrets=terms)
+    assert redactor.redact("Your dog Biscotti, a nurse's friend; Biscottis, NURSEry") == \
+        "Your dog [TERM_1], a [TERM_2]'s friend; [TERM_1]s, [TERM_2]ry"  # even inside words

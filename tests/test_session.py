@@ -154,3 +154,28 @@ def test_titles_and_markdown_export(store):
     md = conversation_markdown(store.conversation(cid), store.messages(cid))
     assert md.startswith("# Trip") and "## You\n\nPlan a trip" in md
     assert "## Floe _(interrupted)_\n\nGo to **Lisbon**" in md
+
+
+def test_memory_notes_reach_the_local_model_and_can_be_forgotten(session, store):
+    shown = session.run_command(None, "/remember   My dog's name is   Biscotti.  ")
+    assert shown.startswith("Remembered (note 1)")
+    session.run_command(None, "/remember Ich wohne in Köln. 東京に行きたい。")
+    assert session.run_command(None, "/memories") == (
+        "1. My dog's name is Biscotti.\n2. Ich wohne in Köln. 東京に行きたい。")
+    cid = session.new_conversation()
+    with prompts_seen(session.engine()) as seen:
+        collect(session.reply(cid, "What is my dog's name?"))
+    assert "My dog's name is Biscotti." in seen[0] and "Köln" in seen[0]
+    assert session.run_command(None, "/forget 1") == "Forgot note 1."
+    assert [t for _, t in store.memories()] == ["Ich wohne in Köln. 東京に行きたい。"]
+    with pytest.raises(FloeError, match="no memory note 7"):
+        session.run_command(None, "/forget 7")
+
+
+def test_empty_and_huge_memory_notes_are_refused(session, store):
+    with pytest.raises(FloeError, match="nothing to remember"):
+        session.run_command(None, "/remember    ")
+    with pytest.raises(FloeError, match="at most 2,000 characters"):
+        session.run_command(None, "/remember " + "x" * 2001)
+    assert store.memories() == []
+    assert "/remember: remember a fact about you" in session.run_command(None, "/help")

@@ -53,9 +53,11 @@ def _digits(text: str) -> int:
 class Redactor:
     """Replaces personal data with stable placeholders: the same value, the same placeholder."""
 
-    terms: list[str] = field(default_factory=list)
+    terms: list[str] = field(default_factory=list)  # whole words, any case
+    secrets: list[str] = field(default_factory=list)  # anywhere, even inside a word
     patterns: list[re.Pattern[str]] = field(default_factory=list)  # from plugins
     placeholders: dict[str, str] = field(default_factory=dict)  # original -> placeholder
+    originals: dict[str, str] = field(default_factory=dict)  # placeholder -> first seen form
 
     def _rules(self) -> list[tuple[str, re.Pattern[str], Callable[[str], bool]]]:
         rules = [
@@ -65,11 +67,13 @@ class Redactor:
             ("PHONE", PHONE, lambda s: 7 <= _digits(s) <= 15),
         ]
         rules += [("TERM", pattern, lambda s: bool(s)) for pattern in self.patterns]
-        words = [re.escape(t.strip()) for t in self.terms if t.strip()]
-        if words:
-            words.sort(key=len, reverse=True)  # longest first: "Ada Lovelace" before "Ada"
-            pattern = re.compile(r"(?<!\w)(?:" + "|".join(words) + r")(?!\w)", re.IGNORECASE)
-            rules.insert(0, ("TERM", pattern, lambda s: True))
+        for values, edge in ((self.terms, r"(?<!\w)", ), (self.secrets, "")):
+            words = sorted((re.escape(t.strip()) for t in values if t.strip()), key=len,
+                           reverse=True)  # longest first: "Ada Lovelace" before "Ada"
+            if words:
+                tail = r"(?!\w)" if edge else ""
+                pattern = re.compile(edge + "(?:" + "|".join(words) + ")" + tail, re.IGNORECASE)
+                rules.insert(0, ("TERM", pattern, lambda s: True))
         return rules
 
     def _placeholder(self, kind: str, original: str) -> str:
@@ -77,6 +81,7 @@ class Redactor:
         if key not in self.placeholders:
             count = sum(p.startswith(f"[{kind}_") for p in self.placeholders.values())
             self.placeholders[key] = f"[{kind}_{count + 1}]"
+            self.originals[self.placeholders[key]] = original
         return self.placeholders[key]
 
     def redact(self, text: str) -> str:
@@ -88,8 +93,7 @@ class Redactor:
         return text
 
     def restore(self, text: str) -> str:
-        originals = {placeholder: original for original, placeholder in self.placeholders.items()}
-        return PLACEHOLDER.sub(lambda m: originals.get(m.group(), m.group()), text)
+        return PLACEHOLDER.sub(lambda m: self.originals.get(m.group(), m.group()), text)
 
 
 class Restorer:

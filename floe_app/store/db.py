@@ -242,6 +242,23 @@ class Store:
             self.update_message(message_id, status="interrupted")
         return len(dead)
 
+    # Memory notes
+
+    def add_memory(self, text: str) -> int:
+        with self._write():
+            table = self.db["memories"].insert({"text": text, "created_at": now_iso()})
+        return int(table.last_pk)
+
+    def memories(self) -> list[tuple[int, str]]:
+        with self._guard():
+            return [(r["id"], r["text"]) for r in self.db.query(
+                "select id, text from memories order by id")]
+
+    def delete_memory(self, memory_id: int) -> bool:
+        with self._write():
+            return self.db.execute("delete from memories where id = ?",
+                                   [memory_id]).rowcount > 0
+
     # Privacy ledger
 
     def record_request(self, *, endpoint: str, model: str, text_sent: str, bytes_sent: int,

@@ -64,9 +64,16 @@ def m002_modes_and_privacy_ledger(db: Database) -> None:
     db["ledger"].create_index(["created_at"])
 
 
+def m003_memories(db: Database) -> None:
+    # Facts the user asked Floe to remember: private context for the local model only.
+    db["memories"].create({"id": int, "text": str, "created_at": str}, pk="id",
+                          not_null={"text", "created_at"})
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_conversations_and_messages", m001_conversations_and_messages),
     ("002_modes_and_privacy_ledger", m002_modes_and_privacy_ledger),
+    ("003_memories", m003_memories),
 ]
 
 
