@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in BUILTIN_COMMANDS:
+    if argv and not argv[0].startswith("-") and argv[0] not in HANDLERS:
         # Not one of ours: perhaps a plugin's command (plugins load only on this path).
         handled = run_plugin_command(argv[0], argv[1:])
         if handled is not None:
@@ -97,10 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command is None:
             return run_tui(args)
-        handler = {"ask": cmd_ask, "history": cmd_history, "ledger": cmd_ledger,
-                   "plugins": cmd_plugins, "doctor": cmd_doctor, "remember": cmd_memory,
-                   "memories": cmd_memory, "forget": cmd_memory}[args.command]
-        return handler(args)
+        return HANDLERS[args.command](args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"floe: error: {exc}", file=sys.stderr)
@@ -114,10 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `floe history show 1 | head`
         sys.stderr.close()
         return 0
-
-
-BUILTIN_COMMANDS = {"ask", "history", "ledger", "plugins", "doctor", "remember", "memories",
-                    "forget"}
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -309,3 +302,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     report = diagnose(resolve_paths().ensure(), model_override=args.model)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1
+
+
+HANDLERS = {"ask": cmd_ask, "history": cmd_history, "ledger": cmd_ledger,
+            "remember": cmd_memory, "memories": cmd_memory, "forget": cmd_memory,
+            "plugins": cmd_plugins, "doctor": cmd_doctor}
