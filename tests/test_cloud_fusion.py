@@ -219,3 +219,24 @@ def test_proxy_tuning_form_completes_with_private_context(make_session, cloud_co
     assert done.status == "complete" and done.text.strip()
     assert session._base_engine is not None and session._base_engine is not session.engine()
     assert all("Biscotti" not in r.text_sent for r in store.ledger())
+
+
+def test_chat_completions_api_streams_alternatives_and_fuses(make_session, config,
+                                                             tmp_path_factory, store):
+    from floe_app.engine.cloud import CloudClient, CloudTarget
+    from tests.support.cloud_server import CloudServer, gemma_path
+
+    server = CloudServer(gemma_path(tmp_path_factory.mktemp("gemma-chat")), chat_format="chatml")
+    try:
+        client = CloudClient(CloudTarget(server.base_url, "gemma", api="chat", top_logprobs=5))
+        stream = client.stream([{"role": "user", "content": QUESTION}], "", max_tokens=8)
+        assert stream.wait_until(lambda: stream.done, 60) and stream.outcome == "ok"
+        assert stream.tokens and all(len(t.top) >= 2 for t in stream.tokens)
+        assert stream.entry.bytes_received > 0
+        config.cloud.base_url, config.cloud.model, config.cloud.api = (server.base_url,
+                                                                       "gemma", "chat")
+        _, done, _ = reply(make_session(config))
+        assert done.status == "complete" and done.stats["cloud"]["requests"] >= 1
+        assert store.ledger()[0].endpoint.endswith("/v1/chat/completions")
+    finally:
+        server.stop()

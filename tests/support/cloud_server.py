@@ -40,7 +40,8 @@ def free_port() -> int:
 class CloudServer:
     """A running server process; `base_url` ends in /v1 as OpenAI clients expect."""
 
-    def __init__(self, model: Path, threads: int = 1, context: int = 1024) -> None:
+    def __init__(self, model: Path, threads: int = 1, context: int = 1024,
+                 chat_format: str | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the server
@@ -48,7 +49,9 @@ class CloudServer:
             [sys.executable, "-m", "tests.support.cloud_server", "--model", str(model),
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(context),
              "--n_threads", str(threads), "--n_threads_batch", str(threads),
-             "--logits_all", "true", "--model_alias", "gemma-3-270m"],
+             "--logits_all", "true", "--model_alias", "gemma-3-270m",
+             # gemma's own template makes the base model stream no chat content; ChatML does.
+             *(["--chat_format", chat_format] if chat_format else [])],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()
 
