@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from floe_app.config import Config
-from floe_app.session import ChatSession, Finished, Notice
+from floe_app.session import ChatSession, Finished, Notice, percentile
 from floe_app.store import Store
 from tests.support.cloud_server import CloudServer, gemma_path
 from tests.support.proxy import FaultProxy
@@ -65,7 +65,4 @@ def median(values: list[float]) -> float:
 
 
 def p95(values: list[float]) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return percentile(values, 95) if values else float("nan")

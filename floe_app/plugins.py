@@ -123,10 +123,6 @@ class Plugins:
             found += [(impl.plugin_name, call) for call in calls]
         return found
 
-    @property
-    def enabled(self) -> list[str]:
-        return [name for name, info in self.infos.items() if not info.error]
-
     def commands(self) -> dict[str, Command]:
         if self._commands is None:
             self._commands = {}

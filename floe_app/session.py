@@ -228,8 +228,8 @@ class ChatSession:
             return self._builtin_command(name, args.strip())
         commands = self.plugins.commands() if self.plugins else {}
         if name in ("", "help"):
-            return "\n".join(f"/{c.name}: {c.help}" for c in [*BUILTIN_HELP,
-                                                                *commands.values()])
+            helps = {**BUILTIN_COMMANDS, **{c.name: c.help for c in commands.values()}}
+            return "\n".join(f"/{name}: {text}" for name, text in helps.items())
         if self.plugins is None:
             raise FloeError(f"no command /{name}: plugins are not loaded")
         return self.plugins.run_command(name, args.strip(), CommandContext(self, conversation_id))
@@ -450,18 +450,9 @@ class ChatSession:
 
 
 MEMORY_MAX_CHARS = 2_000
-BUILTIN_COMMANDS = ("remember", "forget", "memories")
-
-
-@dataclass
-class _Builtin:
-    name: str
-    help: str
-
-
-BUILTIN_HELP = [_Builtin("remember", "remember a fact about you: /remember TEXT"),
-                _Builtin("memories", "list what Floe remembers"),
-                _Builtin("forget", "forget a memory note: /forget N")]
+BUILTIN_COMMANDS = {"remember": "remember a fact about you: /remember TEXT",
+                    "memories": "list what Floe remembers",
+                    "forget": "forget a memory note: /forget N"}
 
 
 @dataclass

@@ -1,6 +1,5 @@
 """The Textual app driven with Pilot, on the real model and a real SQLite file."""
 
-import os
 
 import pytest
 from textual import events
@@ -279,10 +278,6 @@ async def test_settings_screen_cancel_changes_nothing():
         await pilot.press("escape")
         await pilot.pause()
     assert host.result is None
-
-
-def test_floe_home_is_isolated(floe_home):
-    assert os.environ["FLOE_HOME"] == str(floe_home)
 
 
 @pytest.mark.slow

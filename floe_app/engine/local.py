@@ -198,7 +198,6 @@ class LocalEngine:
             eos_token=self.token_text(eos) if eos >= 0 else "",
             bos_token=self.token_text(bos) if bos >= 0 else "",
         )
-        self._adapter_handle: Any = None
         self._vocabulary: Vocabulary | None = None
 
     @classmethod
@@ -333,9 +332,9 @@ class LocalEngine:
         """Apply a GGUF LoRA adapter (or none) to the running model without reloading it."""
         lib = self._lib
         with self.lock:
-            handle = None
             if path is not None:
                 check_model_file(path)
+                # llama.cpp owns the adapter from here and frees it with the model.
                 handle = lib.llama_adapter_lora_init(self._llm._model.model,
                                                      str(path).encode("utf-8"))
                 if not handle:
@@ -348,7 +347,6 @@ class LocalEngine:
                 failed = lib.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
             if failed:
                 raise ModelError(f"llama.cpp could not apply the adapter {path}")
-            self._adapter_handle = handle
             self.adapter_path = path
             self.clear_cache()  # cached keys and values were computed without it
 
