@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from floe_app import __version__
 from floe_app.errors import FloeError, UsageError
@@ -63,6 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("memories", help="list the facts Floe remembers")
     forget = commands.add_parser("forget", help="forget a memory note")
     forget.add_argument("id")
+
+    rate = commands.add_parser("rate", help="thumbs up or down on a reply (floe ask --json"
+                               " prints its message_id)")
+    rate.add_argument("message_id", type=int)
+    rate.add_argument("rating", choices=["up", "down", "none"])
+    correct = commands.add_parser("correct", help="what a reply should have said; the local"
+                                  " model learns it")
+    correct.add_argument("message_id", type=int)
+    correct.add_argument("text", nargs="+")
+    examples = commands.add_parser("examples", help="what the local model learns from")
+    examples.add_argument("--json", action="store_true")
+
+    train = commands.add_parser("train", help="teach the local model what it should learn now")
+    train.add_argument("--status", action="store_true", help="show the last or running job")
+    train.add_argument("--force", action="store_true",
+                       help="train even if paused or nothing changed")
+    train.add_argument("--tier", choices=["small", "medium", "large"],
+                       help="training size (default: learning.tier)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: from the tier)")
+    train.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
+
+    adapters = commands.add_parser("adapters", help="list, use or roll back adapter versions")
+    adapter_commands = adapters.add_subparsers(dest="adapters_command", metavar="ACTION",
+                                               required=True)
+    adapter_list = adapter_commands.add_parser("list", help="versions, newest last")
+    adapter_list.add_argument("--json", action="store_true")
+    adapter_use = adapter_commands.add_parser("use", help="use version N (0: no adapter)")
+    adapter_use.add_argument("version", type=int)
+    adapter_commands.add_parser("rollback", help="go back to the version used before")
 
     ledger = commands.add_parser("ledger", help="every request that left this machine")
     ledger.add_argument("--limit", type=int, default=20)
@@ -186,7 +216,7 @@ def open_session(args: argparse.Namespace, plugins: Plugins | None = None) -> Ch
     paths, config, _ = load_settings()
     store = Store(paths.database)
     store.mark_interrupted()
-    return ChatSession(store, config, model_override=args.model, plugins=plugins)
+    return ChatSession(store, config, model_override=args.model, plugins=plugins, paths=paths)
 
 
 def run_tui(args: argparse.Namespace) -> int:
@@ -295,6 +325,91 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rate(args: argparse.Namespace) -> int:
+    session = open_session(args)
+    if args.command == "rate":
+        session.rate(args.message_id, {"up": 1, "down": -1, "none": None}[args.rating])
+    else:
+        session.correct(args.message_id, " ".join(args.text))
+    print(f"Saved. {session.learning_line()}")
+    return 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    dataset = open_session(args).dataset()
+    if args.json:
+        print(json.dumps([vars(e) for e in dataset.examples], ensure_ascii=False))
+        return 0
+    for source, examples in dataset.by_source().items():
+        print(f"{source} ({len(examples)})")
+        for e in examples:
+            print(f"  [{e.source_id}] {e.prompt} -> {' '.join(e.answer.split())[:100]}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from floe_app.personalize.status import read_status
+
+    session = open_session(args)
+    data_dir = session.store.path.parent
+    if args.status:
+        status = read_status(data_dir)
+        print(status.line() if status else "No training has run yet.")
+        return 0
+    if args.background:
+        os.nice(10)  # the chat and everything else the user runs come first
+    from floe_app.personalize.job import run_training
+
+    def show(status: Any) -> None:
+        if status.state == "training" and status.steps:
+            done = int(30 * status.step / status.steps)
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] step {status.step}/{status.steps}"
+                  f" loss {status.loss:.3f}", end="", file=sys.stderr, flush=True)
+        elif status.state in ("loading", "evaluating"):
+            print(f"\n{status.message}" if status.state == "evaluating" else status.message,
+                  file=sys.stderr, flush=True)
+
+    try:
+        result = run_training(session.paths, session.config, session.model_path,
+                              force=args.force, tier_name=args.tier, steps=args.steps,
+                              progress=None if args.background else show)
+    except ModuleNotFoundError as exc:
+        raise FloeError(f"training needs torch, transformers and peft ({exc.name} is missing):"
+                        " pipx install 'floe-assistant[train]'") from exc
+    print(result.message)
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    session = open_session(args)
+    registry = session.registry
+    if args.adapters_command == "use":
+        registry.use(args.version)
+        print(f"Using {'no adapter' if args.version == 0 else f'v{args.version}'}.")
+        return 0
+    if args.adapters_command == "rollback":
+        version = registry.rollback()
+        print(f"Rolled back: now using {f'v{version}' if version else 'no adapter'}.")
+        return 0
+    rows, active = registry.versions(), registry.active_version()
+    if args.json:
+        print(json.dumps({"active": active, "versions": [vars(r) for r in rows]}))
+        return 0
+    if not rows:
+        print("No adapters yet: teach Floe something, then floe train.")
+    for r in rows:
+        mark = "*" if r.version == active else " "
+        meta = r.meta
+        recall = "-" if meta.get("recall") is None else f"{meta['recall']:.0%}"
+        rise = (f"{meta['perplexity'] / meta['perplexity_base'] - 1:+.1%}"
+                if meta.get("perplexity_base") else "-")
+        print(f"{mark} v{r.version:<3} {r.created_at[:16].replace('T', ' ')}  {r.status:<9}"
+              f" {meta.get('tier', '?'):<6} r{meta.get('rank', '?'):<3} recall {recall:>4}"
+              f"  perplexity {rise:>6}  {r.reason or ''}")
+    print(f"{'*' if active == 0 else ' '} v0   the base model alone")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from floe_app.doctor import diagnose, format_report
     from floe_app.paths import resolve_paths
@@ -306,4 +421,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 HANDLERS = {"ask": cmd_ask, "history": cmd_history, "ledger": cmd_ledger,
             "remember": cmd_memory, "memories": cmd_memory, "forget": cmd_memory,
-            "plugins": cmd_plugins, "doctor": cmd_doctor}
+            "plugins": cmd_plugins, "doctor": cmd_doctor, "rate": cmd_rate,
+            "correct": cmd_rate, "examples": cmd_examples, "train": cmd_train,
+            "adapters": cmd_adapters}

@@ -179,6 +179,38 @@ class PrivacySettings:
     )
 
 
+TIER_NAMES = ("auto", "small", "medium", "large")
+
+
+@dataclass
+class LearningSettings:
+    paused: bool = field(
+        default=False,
+        metadata=_rule("true or false", lambda v: True,
+                       "true: no new adapter is trained; the active one stays in use"),
+    )
+    auto: bool = field(
+        default=True,
+        metadata=_rule("true or false", lambda v: True,
+                       "train in the background after you teach something (else: floe train)"),
+    )
+    delay_s: int = field(
+        default=60,
+        metadata=_rule("a whole number from 0 to 86400", lambda v: 0 <= v <= 86400,
+                       "quiet seconds after the last thing taught before training starts"),
+    )
+    tier: str = field(
+        default="auto",
+        metadata=_rule('"auto", "small", "medium" or "large"', lambda v: v in TIER_NAMES,
+                       "training size: auto picks from this computer's cores, memory and power"),
+    )
+    perplexity_margin: float = field(
+        default=0.05,
+        metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
+                       "largest rise of general-text perplexity a new adapter may cause"),
+    )
+
+
 @dataclass
 class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -186,6 +218,7 @@ class Config:
     cloud: CloudSettings = field(default_factory=CloudSettings)
     fusion: FusionSettings = field(default_factory=FusionSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    learning: LearningSettings = field(default_factory=LearningSettings)
 
 
 @dataclass(frozen=True)

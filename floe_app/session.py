@@ -30,7 +30,11 @@ from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats
 from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback, resolve_model_path
 from floe_app.engine.redact import Redactor, Restorer, private_terms
 from floe_app.engine.sampling import Sampling
-from floe_app.errors import FloeError
+from floe_app.errors import FloeError, ModelError
+from floe_app.paths import Paths
+from floe_app.personalize.data import Dataset, build_dataset
+from floe_app.personalize.registry import Registry
+from floe_app.personalize.status import read_status, replying, start_background
 from floe_app.plugins import Plugins
 from floe_app.store import Conversation, Message, Store
 
@@ -140,8 +144,14 @@ class ChatSession:
     """One user's chat state: the store, the settings and the (lazily loaded) local model."""
 
     def __init__(self, store: Store, config: Config, model_override: str | None = None,
-                 env: dict[str, str] | None = None, plugins: Plugins | None = None) -> None:
+                 env: dict[str, str] | None = None, plugins: Plugins | None = None,
+                 paths: Paths | None = None) -> None:
         self.store = store
+        # Without paths (tests, benchmarks) everything lives beside the database.
+        folder = store.path.parent
+        self.paths = paths or Paths(folder, folder, folder / "cache")
+        self.registry = Registry(store, self.paths.data_dir / "adapters")
+        self._adapter_synced = False
         self.plugins = plugins
         # Text attached to a conversation by commands such as /attach: local model only.
         self.attachments: dict[int, list[str]] = {}
@@ -246,6 +256,79 @@ class ChatSession:
         notes = self.store.memories()
         return "\n".join(f"{i}. {t}" for i, t in notes) or "No memory notes yet."
 
+    # Learning
+
+    def sync_adapter(self, engine: LocalEngine) -> list[str]:
+        """Apply the registry's active adapter if the engine has another one; returns notices.
+
+        A version whose file is missing, corrupt or refused by llama.cpp is marked broken
+        and the one used before it takes its place, so the chat always has a working model.
+        """
+        notices = []
+        while True:
+            row = self.registry.active()
+            path = Path(row.path) if row is not None else None
+            if engine.adapter_path == path:
+                break
+            problem = self.registry.problem(row) if row is not None else None
+            if problem is None:
+                try:
+                    engine.set_adapter(path)
+                    if self._adapter_synced:
+                        notices.append(f"Now using adapter v{row.version}." if row else
+                                       "Now using the base model without an adapter.")
+                    break
+                except ModelError as exc:
+                    problem = str(exc)
+            assert row is not None
+            self.registry.mark_broken(row, problem)
+            previous = self.registry.rollback()
+            notices.append(f"Adapter v{row.version} cannot be used: {problem}. Using "
+                           + (f"v{previous} instead." if previous else "the base model."))
+        self._adapter_synced = True
+        return notices
+
+    def rate(self, message_id: int, rating: int | None) -> None:
+        self._taught_reply(message_id)
+        self.store.rate_message(message_id, rating)
+
+    def correct(self, message_id: int, text: str) -> None:
+        self._taught_reply(message_id)
+        self.store.correct_message(message_id, text.strip() or None)
+
+    def _taught_reply(self, message_id: int) -> None:
+        message = self.store.message(message_id)
+        if message is None or message.role != "assistant":
+            raise FloeError(f"no reply with id {message_id}")
+
+    def dataset(self) -> Dataset:
+        return build_dataset(self.store.memories(), self.store.taught_replies())
+
+    def training_due(self) -> bool:
+        """Automatic training would learn something new now."""
+        learning = self.config.learning
+        if learning.paused or not learning.auto:
+            return False
+        status = read_status(self.paths.data_dir)
+        if status is not None and status.running:
+            return False
+        dataset = self.dataset()
+        versions = self.store.adapters()
+        return bool(dataset.examples) and (
+            not versions or versions[-1].meta.get("fingerprint") != dataset.fingerprint)
+
+    def start_training(self) -> int:
+        """Train in a background process; returns its pid."""
+        return start_background(self.paths.data_dir, self.model_override)
+
+    def learning_line(self) -> str:
+        status = read_status(self.paths.data_dir)
+        active = self.registry.active_version()
+        using = f"adapter v{active}" if active else "no adapter yet"
+        if self.config.learning.paused:
+            return f"Learning paused; using {using}."
+        return f"{status.line() if status else 'Not trained yet.'} Using {using}."
+
     # The cloud
 
     def cloud_target(self) -> CloudTarget | None:
@@ -311,6 +394,8 @@ class ChatSession:
         if mode_notice:
             yield Notice(mode_notice)
         engine = self.engine()
+        for notice in self.sync_adapter(engine):
+            yield Notice(notice)
         sampling = self.sampling()
         public_system = {"role": "system", "content": self.config.chat.system_prompt}
         notes = self.private_notes(conversation_id)
@@ -421,31 +506,32 @@ class ChatSession:
         parts: list[str] = []
         last_flush = time.monotonic()
         status = "error"
-        try:
-            for piece in pieces:
-                if isinstance(piece, Notice):
-                    yield piece
-                    continue
-                text = restorer.feed(piece) if restorer else piece
-                if not text:
-                    continue
-                parts.append(text)
-                yield Delta(text)
-                if time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
-                    self.store.update_message(reply_id, content="".join(parts))
-                    last_flush = time.monotonic()
-            tail = restorer.flush() if restorer else ""
-            if tail:
-                parts.append(tail)
-                yield Delta(tail)
-            status = "stopped" if run.stats.finish_reason == "cancelled" else "complete"
-        except (GeneratorExit, KeyboardInterrupt):
-            status = "stopped"
-            raise
-        finally:
-            summary = run.summary()
-            self.store.update_message(reply_id, content="".join(parts), status=status,
-                                      stats=summary)
+        with replying(self.paths.data_dir):  # a background training job waits meanwhile
+            try:
+                for piece in pieces:
+                    if isinstance(piece, Notice):
+                        yield piece
+                        continue
+                    text = restorer.feed(piece) if restorer else piece
+                    if not text:
+                        continue
+                    parts.append(text)
+                    yield Delta(text)
+                    if time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
+                        self.store.update_message(reply_id, content="".join(parts))
+                        last_flush = time.monotonic()
+                tail = restorer.flush() if restorer else ""
+                if tail:
+                    parts.append(tail)
+                    yield Delta(tail)
+                status = "stopped" if run.stats.finish_reason == "cancelled" else "complete"
+            except (GeneratorExit, KeyboardInterrupt):
+                status = "stopped"
+                raise
+            finally:
+                summary = run.summary()
+                self.store.update_message(reply_id, content="".join(parts), status=status,
+                                          stats=summary)
         yield Finished(reply_id, "".join(parts), status, summary)
 
 

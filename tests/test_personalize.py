@@ -91,7 +91,7 @@ def test_exported_adapter_changes_llama_cpp_as_peft_changes_torch(taught, engine
         assert np.abs(torch_effect - llama_effect).mean() < 0.1 * np.abs(torch_effect).mean()
     # The control: the same weights exported without the permutation must fail that bound.
     wrong = write_gguf_adapter(tmp_path / "wrong.gguf", result.state, alpha=config.alpha,
-                               base=BaseModel(info.name, info.arch, 1, 1))
+                               base=BaseModel(info.identity, info.arch, 1, 1))
     errors = [np.abs(t - w).mean() / np.abs(t).mean()
               for t, w in adapter_effects(engine, taught, wrong)]
     assert max(errors) > 0.1

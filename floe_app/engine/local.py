@@ -173,6 +173,22 @@ class GenerationStats:
         self.tokens += 1
 
 
+def base_identity(metadata: dict[str, str]) -> str:
+    """What an adapter must have been trained on: the model's name, architecture and shapes."""
+    arch = metadata.get("general.architecture", "?")
+    return "|".join([metadata.get("general.name", "?"), arch] + [
+        metadata.get(f"{arch}.{key}", "?") for key in (
+            "block_count", "embedding_length", "attention.head_count",
+            "attention.head_count_kv")])
+
+
+def _adapter_meta(lib: Any, handle: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1024)
+    if lib.llama_adapter_meta_val_str(handle, key.encode(), buf, len(buf)) < 0:
+        return None
+    return buf.value.decode("utf-8", errors="replace")
+
+
 class LocalEngine:
     """One loaded GGUF model with its context; every call is serialized by a lock."""
 
@@ -186,6 +202,7 @@ class LocalEngine:
         self.threads = threads
         self.lock = threading.RLock()
         self.adapter_path: Path | None = None
+        self._adapter_handle: Any = None
         self._vocab = lib.llama_model_get_vocab(llm._model.model)
         self.n_vocab = int(llm.n_vocab())
         self.n_ctx = int(llm.n_ctx())
@@ -328,25 +345,45 @@ class LocalEngine:
 
     # LoRA adapters
 
+    @property
+    def base_identity(self) -> str:
+        return base_identity(self._llm.metadata)
+
     def set_adapter(self, path: Path | None, scale: float = 1.0) -> None:
-        """Apply a GGUF LoRA adapter (or none) to the running model without reloading it."""
+        """Apply a GGUF LoRA adapter (or none) to the running model without reloading it.
+
+        Refuses an adapter whose `floe.base_model` names another base model; llama.cpp
+        itself refuses one whose tensor shapes do not fit.
+        """
         lib = self._lib
         with self.lock:
-            if path is not None:
+            old = self._adapter_handle
+            handle = old if path is not None and path == self.adapter_path else None
+            if path is not None and handle is None:
                 check_model_file(path)
-                # llama.cpp owns the adapter from here and frees it with the model.
                 handle = lib.llama_adapter_lora_init(self._llm._model.model,
                                                      str(path).encode("utf-8"))
                 if not handle:
                     raise ModelError(f"llama.cpp refused the adapter {path}: it does not match"
                                      " this model or is corrupt")
+                trained_on = _adapter_meta(lib, handle, "floe.base_model")
+                if trained_on is not None and trained_on != self.base_identity:
+                    lib.llama_adapter_lora_free(handle)
+                    raise ModelError(f"the adapter {path} was trained on another base model"
+                                     f" ({trained_on.split('|')[0]}), not {self.name}")
+            if handle is not None:
                 adapters = (lib.llama_adapter_lora_p_ctypes * 1)(handle)
                 scales = (ctypes.c_float * 1)(scale)
                 failed = lib.llama_set_adapters_lora(self._llm._ctx.ctx, adapters, 1, scales)
             else:
                 failed = lib.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
             if failed:
+                if handle is not old:
+                    lib.llama_adapter_lora_free(handle)
                 raise ModelError(f"llama.cpp could not apply the adapter {path}")
+            if old is not None and old is not handle:
+                lib.llama_adapter_lora_free(old)  # one loaded adapter at a time, no leak
+            self._adapter_handle = handle
             self.adapter_path = path
             self.clear_cache()  # cached keys and values were computed without it
 

@@ -26,9 +26,10 @@ PEFT_KEY = re.compile(r"layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|d
 
 @dataclass(frozen=True)
 class BaseModel:
-    """What an adapter must match: the architecture and the attention head layout."""
+    """What an adapter must match: the base's identity (engine.local.base_identity), its
+    architecture and its attention head layout."""
 
-    name: str
+    identity: str
     arch: str
     n_head: int
     n_head_kv: int
@@ -66,18 +67,22 @@ def write_gguf_adapter(path: Path, state: dict[str, np.ndarray], *, alpha: float
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), base.arch)
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(alpha))
-    writer.add_string("floe.base_model", base.name)
-    for name, array in sorted(tensors.items()):
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), base.arch)
+        writer.add_string("general.type", "adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", float(alpha))
+        writer.add_string("floe.base_model", base.identity)
+        for name, array in sorted(tensors.items()):
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full, killed: nothing half-written stays behind
+        raise
     return path

@@ -7,6 +7,7 @@ SmolLM2-135M); the result is cached as safetensors so later runs start in about 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from floe_app.engine.local import base_identity
 from floe_app.personalize.export import BaseModel
+
+CHECKPOINT_EVERY = 10
+STOP_WINDOW = 8
 
 
 @dataclass(frozen=True)
@@ -28,18 +33,26 @@ class TrainConfig:
     max_tokens: int = 96
     seed: int = 0
     threads: int = 2
+    # Stop once the mean loss of the last STOP_WINDOW steps is below this (0: never). Past
+    # that point the model only drifts further from the base for nothing it did not know.
+    stop_loss: float = 0.0
+    # Weight of KL(base || tuned) over an unrelated anchor text, added to every step's loss:
+    # learning a fact should not change how the model writes everything else.
+    anchor_weight: float = 0.0
 
 
 @dataclass
 class TrainResult:
     state: dict[str, np.ndarray]
     losses: list[float] = field(default_factory=list)
+    resumed_at: int = 0  # the step a checkpoint let this run start from
+    tokens: int = 0  # tokens read (prompt and answer) by the steps this run took
 
 
 def base_model_of(metadata: dict[str, str]) -> BaseModel:
     """The head layout the export needs, from the GGUF metadata llama.cpp reports."""
     arch = metadata["general.architecture"]
-    return BaseModel(name=metadata.get("general.name", ""), arch=arch,
+    return BaseModel(identity=base_identity(metadata), arch=arch,
                      n_head=int(metadata[f"{arch}.attention.head_count"]),
                      n_head_kv=int(metadata[f"{arch}.attention.head_count_kv"]))
 
@@ -47,7 +60,10 @@ def base_model_of(metadata: dict[str, str]) -> BaseModel:
 def load_base(gguf_path: Path, cache_dir: Path) -> tuple[Any, Any]:
     """(model, tokenizer) in float32 from the GGUF, cached as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.set_verbosity_error()  # progress bars and notices are noise in a background job
+    logging.disable_progress_bar()
     stat = gguf_path.stat()
     cached = cache_dir / "base" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (cached / "config.json").exists():
@@ -76,40 +92,116 @@ def encode(tokenizer: Any, prompt: list[dict[str, str]], answer: str,
     return ids, labels
 
 
-def train_lora(model: Any, tokenizer: Any, examples: list[tuple[list[dict[str, str]], str]],
-               config: TrainConfig, progress: Callable[[int, float], None] | None = None
-               ) -> TrainResult:
-    """Train a fresh LoRA on (prompt messages, answer) pairs; returns its weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+def _lora_config(config: TrainConfig) -> Any:
+    from peft import LoraConfig
 
+    return LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                      target_modules=list(config.targets), lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def train_lora(model: Any, tokenizer: Any, examples: list[tuple[list[dict[str, str]], str]],
+               config: TrainConfig, progress: Callable[[int, float], None] | None = None, *,
+               checkpoint: Path | None = None, checkpoint_key: str = "",
+               before_step: Callable[[], None] | None = None,
+               after: Callable[[Any], None] | None = None,
+               anchor_text: str = "") -> TrainResult:
+    """Train a fresh LoRA on (prompt messages, answer) pairs; returns its weights.
+
+    With `checkpoint`, the state is saved every few steps and a run with the same
+    `checkpoint_key` (same examples and settings) continues from it. `before_step` runs
+    before every step (the background job waits there while the user chats); `after`
+    gets the trained peft model before it is unloaded (evaluation).
+    """
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    # peft cannot find a hub config for a GGUF-loaded base, and says so at every save.
+    warnings.filterwarnings("ignore", message="Could not find a config file")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    rng = random.Random(config.seed)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
-        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+    anchor = None
+    if anchor_text and config.anchor_weight > 0:
+        anchor = torch.tensor([tokenizer(anchor_text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():  # the base is frozen: its distribution is computed once
+            anchor_base = torch.log_softmax(model(input_ids=anchor).logits.float(), -1)
+    peft_model = get_peft_model(model, _lora_config(config))
     encoded = [encode(tokenizer, prompt, answer, config.max_tokens)
                for prompt, answer in examples]
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
                                   lr=config.learning_rate)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = TrainResult({})
+    if checkpoint is not None and checkpoint.exists():
+        try:
+            saved = torch.load(checkpoint, weights_only=True)
+        except Exception:  # a checkpoint torn by a crash: start over
+            saved = {}
+        if saved.get("key") == checkpoint_key:
+            set_peft_model_state_dict(peft_model, saved["lora"])
+            optimizer.load_state_dict(saved["optimizer"])
+            result.losses, result.resumed_at = list(saved["losses"]), int(saved["step"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     peft_model.train()
-    for step in range(config.steps):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(config.batch)]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        result.losses.append(loss.detach().item())
-        if progress is not None:
-            progress(step + 1, result.losses[-1])
-    result.state = {k: v.detach().cpu().numpy()
-                    for k, v in get_peft_model_state_dict(peft_model).items()}
-    peft_model.unload()  # leaves the base model as it was, for the next run
+    try:
+        for step in range(result.resumed_at, config.steps):
+            if before_step is not None:
+                before_step()
+            # Batches depend only on (seed, step), so a resumed run sees what it would have.
+            rng = random.Random(config.seed * 1_000_003 + step)
+            batch = [encoded[rng.randrange(len(encoded))] for _ in range(config.batch)]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            total = loss
+            if anchor is not None:
+                tuned = torch.log_softmax(peft_model(input_ids=anchor).logits.float(), -1)
+                kl = torch.nn.functional.kl_div(tuned, anchor_base, log_target=True,
+                                                reduction="batchmean") / anchor.shape[1]
+                total = loss + config.anchor_weight * kl
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            result.losses.append(loss.detach().item())
+            result.tokens += int(mask.sum())
+            if checkpoint is not None and ((step + 1) % CHECKPOINT_EVERY == 0):
+                _save_checkpoint(checkpoint, {
+                    "key": checkpoint_key, "step": step + 1, "losses": result.losses,
+                    "lora": get_peft_model_state_dict(peft_model),
+                    "optimizer": optimizer.state_dict()})
+            if progress is not None:
+                progress(step + 1, result.losses[-1])
+            recent = result.losses[-STOP_WINDOW:]
+            if len(recent) == STOP_WINDOW and sum(recent) / STOP_WINDOW < config.stop_loss:
+                break
+        result.state = {k: v.detach().cpu().numpy()
+                        for k, v in get_peft_model_state_dict(peft_model).items()}
+        if after is not None:
+            peft_model.eval()
+            after(peft_model)
+    finally:
+        peft_model.unload()  # leaves the base model as it was, for the next run
     return result
+
+
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def perplexity(model: Any, tokenizer: Any, text: str) -> float:
+    """exp(mean negative log-likelihood) of `text` under `model`, one window."""
+    import torch
+
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    return float(torch.exp(loss))

@@ -67,6 +67,32 @@ class Message:
     model: str | None = None
     mode: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    rating: int | None = None
+    correction: str | None = None
+
+
+@dataclass
+class TaughtReply:
+    """An assistant reply the user accepted (thumbs up) or corrected, with its question."""
+
+    message_id: int
+    question: str
+    reply: str
+    rating: int | None
+    correction: str | None
+
+
+@dataclass
+class AdapterRow:
+    version: int
+    created_at: str
+    path: str
+    sha256: str
+    size: int
+    base_model: str | None
+    status: str
+    reason: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,7 +105,7 @@ class SearchHit:
     created_at: str
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -237,7 +263,7 @@ class Store:
                 "select id, writer_pid, updated_at from messages where status = 'streaming'"
             ))
         dead = [r["id"] for r in rows
-                if not _pid_alive(r["writer_pid"]) or r["updated_at"] < stale_before]
+                if not pid_alive(r["writer_pid"]) or r["updated_at"] < stale_before]
         for message_id in dead:
             self.update_message(message_id, status="interrupted")
         return len(dead)
@@ -258,6 +284,76 @@ class Store:
         with self._write():
             return self.db.execute("delete from memories where id = ?",
                                    [memory_id]).rowcount > 0
+
+    # What the local model learns from
+
+    def rate_message(self, message_id: int, rating: int | None) -> None:
+        """1 thumbs up, -1 thumbs down, None neither."""
+        with self._write():
+            self.db["messages"].update(message_id, {"rating": rating})
+
+    def correct_message(self, message_id: int, correction: str | None) -> None:
+        """Keep the reply as it was shown; the correction is what the model should have said."""
+        with self._write():
+            self.db["messages"].update(message_id, {"correction": correction or None})
+
+    def set_learn(self, message_id: int, learn: bool) -> None:
+        with self._write():
+            self.db["messages"].update(message_id, {"learn": None if learn else 0})
+
+    def taught_replies(self) -> list[TaughtReply]:
+        """Replies accepted or corrected and not removed from learning, with the user message
+        each answered."""
+        with self._guard():
+            rows = self.db.query(
+                "select m.id, m.content, m.rating, m.correction, (select q.content from messages"
+                " q where q.conversation_id = m.conversation_id and q.id < m.id and q.role ="
+                " 'user' order by q.id desc limit 1) as question from messages m"
+                " where m.role = 'assistant' and coalesce(m.learn, 1) != 0"
+                " and (m.correction is not null or m.rating = 1) order by m.id")
+            return [TaughtReply(r["id"], r["question"] or "", r["content"], r["rating"],
+                                r["correction"]) for r in rows]
+
+    # Adapter versions
+
+    def add_adapter(self, *, path: str, sha256: str, size: int, base_model: str, status: str,
+                    reason: str = "", meta: dict[str, Any] | None = None) -> int:
+        with self._write():
+            table = self.db["adapters"].insert({
+                "created_at": now_iso(), "path": path, "sha256": sha256, "size": size,
+                "base_model": base_model, "status": status, "reason": reason,
+                "meta": json.dumps(meta or {}),
+            })
+        return int(table.last_pk)
+
+    def set_adapter_status(self, version: int, status: str, reason: str = "") -> None:
+        with self._write():
+            self.db["adapters"].update(version, {"status": status, "reason": reason})
+
+    def adapters(self) -> list[AdapterRow]:
+        with self._guard():
+            return [_adapter(r) for r in self.db.query("select * from adapters order by version")]
+
+    def adapter(self, version: int) -> AdapterRow | None:
+        with self._guard():
+            rows = list(self.db.query("select * from adapters where version = ?", [version]))
+        return _adapter(rows[0]) if rows else None
+
+    def activate_adapter(self, version: int) -> None:
+        """Make `version` (0: none) the one the chat uses, remembering the one before."""
+        with self._write():
+            self.db["adapter_history"].insert({"version": version, "activated_at": now_iso()})
+
+    def adapter_history(self) -> list[int]:
+        """Versions activated, oldest first; the last is the active one."""
+        with self._guard():
+            return [r["version"] for r in self.db.query(
+                "select version from adapter_history order by id")]
+
+    def pop_adapter_history(self) -> None:
+        with self._write():
+            self.db.execute("delete from adapter_history where id ="
+                            " (select max(id) from adapter_history)")
 
     # Privacy ledger
 
@@ -304,10 +400,15 @@ class Store:
                               r["snippet"], r["created_at"]) for r in rows]
 
 
+def _adapter(row: dict[str, Any]) -> AdapterRow:
+    return AdapterRow(**{**row, "meta": json.loads(row["meta"] or "{}")})
+
+
 def _message(row: dict[str, Any]) -> Message:
     return Message(
         id=row["id"], conversation_id=row["conversation_id"], role=row["role"],
         content=row["content"], status=row["status"], created_at=row["created_at"],
         model=row["model"], mode=row["mode"], stats=json.loads(row["stats"] or "{}"),
+        rating=row.get("rating"), correction=row.get("correction"),
     )
 

@@ -70,10 +70,39 @@ def m003_memories(db: Database) -> None:
                           not_null={"text", "created_at"})
 
 
+def m004_learning(db: Database) -> None:
+    # What the user taught by hand: 1 thumbs up, -1 thumbs down; a corrected reply's text.
+    db["messages"].add_column("rating", int)
+    db["messages"].add_column("correction", str)
+    # 0: the user removed this reply from what the local model learns from.
+    db["messages"].add_column("learn", int)
+    # Trained adapter versions; the files live in data/adapters, checked by sha256.
+    db["adapters"].create(
+        {
+            "version": int,
+            "created_at": str,
+            "path": str,
+            "sha256": str,
+            "size": int,
+            "base_model": str,
+            # promoted (passed the gate) | rejected (kept, not used) | broken (file unusable)
+            "status": str,
+            "reason": str,
+            "meta": str,
+        },
+        pk="version",
+        not_null={"created_at", "path", "sha256", "size", "status"},
+    )
+    # Which version the chat uses: the last row wins; rollback deletes it.
+    db["adapter_history"].create({"id": int, "version": int, "activated_at": str}, pk="id",
+                                 not_null={"activated_at"})
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_conversations_and_messages", m001_conversations_and_messages),
     ("002_modes_and_privacy_ledger", m002_modes_and_privacy_ledger),
     ("003_memories", m003_memories),
+    ("004_learning", m004_learning),
 ]
 
 

@@ -98,7 +98,7 @@ class FloeApp(App[None]):
         self.paths = paths
         store = Store(paths.database)
         self.interrupted = store.mark_interrupted()
-        self.session = ChatSession(store, config, model_override=model_override)
+        self.session = ChatSession(store, config, model_override=model_override, paths=paths)
         self.warnings = warnings or []
         self.export_dir = export_dir or Path.cwd()
         self.conversation_id: int | None = None
