@@ -8,6 +8,8 @@ writes the reply to the database while it streams.
 from __future__ import annotations
 
 import codecs
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from floe_app.config import Config
+from floe_app.config import Config, write_config
 from floe_app.engine.cloud import (
     CANCELLED,
     OK,
@@ -34,7 +36,12 @@ from floe_app.errors import FloeError, ModelError
 from floe_app.paths import Paths
 from floe_app.personalize.data import Dataset, build_dataset
 from floe_app.personalize.registry import Registry
-from floe_app.personalize.status import read_status, replying, start_background
+from floe_app.personalize.status import (
+    TrainingStatus,
+    read_status,
+    replying,
+    start_background,
+)
 from floe_app.plugins import Plugins
 from floe_app.store import Conversation, Message, Store
 
@@ -301,6 +308,23 @@ class ChatSession:
         if message is None or message.role != "assistant":
             raise FloeError(f"no reply with id {message_id}")
 
+    def forget_example(self, source: str, source_id: int) -> None:
+        """Stop learning from an example: a memory note is forgotten, a reply is kept in
+        its conversation but no longer learned from. The next version leaves it out."""
+        if source == "memory":
+            self.store.delete_memory(source_id)
+        else:
+            self.store.set_learn(source_id, False)
+
+    def set_learning_paused(self, paused: bool) -> None:
+        """Pause or resume learning, saved in the config file. Pausing also stops a running
+        job; it continues from its checkpoint once learning resumes."""
+        self.config.learning.paused = paused
+        write_config(self.paths, self.config)
+        status = read_status(self.paths.data_dir)
+        if paused and status is not None and status.running:
+            os.kill(status.pid, signal.SIGTERM)
+
     def dataset(self) -> Dataset:
         return build_dataset(self.store.memories(), self.store.taught_replies())
 
@@ -321,8 +345,11 @@ class ChatSession:
         """Train in a background process; returns its pid."""
         return start_background(self.paths.data_dir, self.model_override)
 
+    def training_status(self) -> TrainingStatus | None:
+        return read_status(self.paths.data_dir)
+
     def learning_line(self) -> str:
-        status = read_status(self.paths.data_dir)
+        status = self.training_status()
         active = self.registry.active_version()
         using = f"adapter v{active}" if active else "no adapter yet"
         if self.config.learning.paused:

@@ -18,6 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer, Input, ListView
 from textual.widgets import Markdown as MarkdownWidget
 from textual.widgets.markdown import MarkdownStream
@@ -28,7 +29,9 @@ from floe_app.paths import Paths, assets_dir
 from floe_app.session import ChatSession, Delta, Finished, Notice, Saved, conversation_markdown
 from floe_app.store import Store
 from floe_app.tui.screens.confirm import ConfirmScreen
+from floe_app.tui.screens.correct import CorrectionScreen
 from floe_app.tui.screens.help import HelpScreen
+from floe_app.tui.screens.learning import LearningScreen
 from floe_app.tui.screens.ledger import LedgerScreen
 from floe_app.tui.screens.rename import RenameScreen
 from floe_app.tui.screens.settings import SettingsScreen
@@ -88,6 +91,11 @@ class FloeApp(App[None]):
         Binding("ctrl+s", "export_chat", "Export chat as Markdown", show=False),
         Binding("f4", "switch_mode", "Switch reply mode"),
         Binding("ctrl+l", "ledger", "Privacy ledger"),
+        Binding("f9", "rate_reply(1)", "Thumbs up: learn from the last reply", show=False),
+        Binding("f10", "rate_reply(-1)", "Thumbs down: never learn the last reply",
+                show=False),
+        Binding("f3", "correct_reply", "Correct the last reply", show=False),
+        Binding("ctrl+o", "learning", "Learning"),
         Binding("f2", "settings", "Settings"),
         Binding("f1", "help", "Help"),
     ]
@@ -107,6 +115,8 @@ class FloeApp(App[None]):
         self._cancel = threading.Event()
         self._streams: dict[MessageView, MarkdownStream] = {}
         self._reported: set[str] = set()  # plugin problems already shown
+        self._training_timer: Timer | None = None
+        self._seen_job: float | None = None  # when the last finished job was reported
 
     @property
     def store(self) -> Store:
@@ -131,6 +141,8 @@ class FloeApp(App[None]):
             self.notify(f"{self.interrupted} reply was interrupted when Floe last stopped;"
                         " what it had written is kept.", timeout=8)
         self.load_model()
+        self.set_interval(2.0, self.show_learning)
+        self.schedule_training()  # something taught while Floe was closed (floe remember)
 
     # The model
 
@@ -266,6 +278,7 @@ class FloeApp(App[None]):
             status = self.query_one(StatusBar)
             status.state = ""
             if isinstance(event, Finished):
+                view.message_id = event.message_id
                 view.set_status(event.status)
                 status.last_stats = event.stats
             else:
@@ -292,6 +305,8 @@ class FloeApp(App[None]):
         heading = f"`{message.command}`" + (" failed" if message.failed else "")
         await chat.add_notice(f"{heading}\n\n{message.text}")
         self.report_plugin_problems()
+        if message.command.startswith(("/remember", "/forget")) and not message.failed:
+            self.schedule_training()
 
     def report_plugin_problems(self) -> None:
         for problem in self.session.plugins.problems if self.session.plugins else []:
@@ -363,6 +378,70 @@ class FloeApp(App[None]):
 
     def action_ledger(self) -> None:
         self.push_screen(LedgerScreen(self.store.ledger(200)))
+
+    # Learning
+
+    def schedule_training(self) -> None:
+        """Train in the background once the user has stopped teaching for learning.delay_s."""
+        if self._training_timer is not None:
+            self._training_timer.stop()
+        self._training_timer = self.set_timer(self.session.config.learning.delay_s,
+                                              self.start_training_if_due)
+
+    @work(thread=True, exclusive=True, group="learning")
+    def start_training_if_due(self) -> None:
+        if self.session.training_due():
+            self.session.start_training()
+            self.call_from_thread(self.notify, "Learning what you taught, in the background.")
+
+    def train_now(self) -> str:
+        if self.session.config.learning.paused:
+            return "Learning is paused: switch it on first."
+        self.session.start_training()
+        return "Training started in the background."
+
+    def show_learning(self) -> None:
+        """Training progress in the status bar; a job's outcome, once, as a notification."""
+        status = self.session.training_status()
+        self.query_one(StatusBar).learning = status.line() if status and status.running else ""
+        finished = (status.updated_at if status and status.state in ("done", "failed")
+                    else None)
+        if finished and self._seen_job is not None and finished != self._seen_job:
+            self.notify(status.message, title="Learning", timeout=10,
+                        severity="error" if status.state == "failed" else "information")
+        self._seen_job = finished or self._seen_job or 0.0
+
+    def action_rate_reply(self, rating: int) -> None:
+        view = self.query_one(ChatView).last_reply()
+        if view is None or view.message_id is None:
+            self.notify("No reply to rate yet.")
+            return
+        view.rating = None if view.rating == rating else rating  # pressing again undoes it
+        self.session.rate(view.message_id, view.rating)
+        view.refresh_heading()
+        self.schedule_training()
+
+    def action_correct_reply(self) -> None:
+        view = self.query_one(ChatView).last_reply()
+        if view is None or view.message_id is None or self.generating:
+            self.notify("No finished reply to correct yet.")
+            return
+        message = self.store.message(view.message_id)
+        assert message is not None
+
+        def save(text: str | None) -> None:
+            if text is None:
+                return
+            self.session.correct(view.message_id, text)
+            view.corrected = True
+            view.refresh_heading()
+            self.notify("Saved: Floe learns your version of this reply.")
+            self.schedule_training()
+
+        self.push_screen(CorrectionScreen(message.correction or message.content), save)
+
+    def action_learning(self) -> None:
+        self.push_screen(LearningScreen(self.session, self.train_now))
 
     def action_search_chats(self) -> None:
         self.query_one(Sidebar).search_box.focus()

@@ -14,7 +14,8 @@ from floe_app.config import Config, SettingSpec, setting_specs
 EDITABLE = ("model.path", "chat.system_prompt", "chat.mode", "chat.temperature",
             "chat.top_p", "chat.max_tokens", "model.threads", "model.context_tokens",
             "privacy.local_only", "privacy.redact_terms", "cloud.base_url", "cloud.model",
-            "cloud.api", "fusion.deadline_ms")
+            "cloud.api", "fusion.deadline_ms", "learning.paused", "learning.auto",
+            "learning.delay_s", "learning.tier")
 
 
 def show_value(value: object) -> str:

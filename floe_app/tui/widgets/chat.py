@@ -9,6 +9,7 @@ from textual.widgets import Label, Markdown, Static
 from floe_app.store import Message
 
 ROLE_NAMES = {"user": "You", "assistant": "Floe", "notice": "Floe"}
+RATINGS = {1: "👍 Floe learns from it", -1: "👎 never learned from"}
 STATUS_NOTES = {"interrupted": "interrupted: Floe stopped before this reply finished",
                 "stopped": "stopped", "error": "failed", "streaming": "writing…"}
 
@@ -16,11 +17,16 @@ STATUS_NOTES = {"interrupted": "interrupted: Floe stopped before this reply fini
 class MessageView(Vertical):
     """A message's author line and its Markdown body."""
 
-    def __init__(self, role: str, content: str = "", status: str = "complete") -> None:
+    def __init__(self, role: str, content: str = "", status: str = "complete",
+                 message_id: int | None = None, rating: int | None = None,
+                 corrected: bool = False) -> None:
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
         self.status = status
+        self.message_id = message_id  # known once the reply is stored
+        self.rating = rating
+        self.corrected = corrected
         # For a reply: whether the message it answers reached the database.
         self.saved_user_message = False
 
@@ -32,13 +38,18 @@ class MessageView(Vertical):
             yield Markdown(self.content, classes="body")
 
     def _heading(self) -> str:
-        note = STATUS_NOTES.get(self.status)
-        return ROLE_NAMES.get(self.role, self.role) + (f"  ({note})" if note else "")
+        notes = [STATUS_NOTES.get(self.status, ""), RATINGS.get(self.rating, ""),
+                 "corrected: Floe learns your version" if self.corrected else ""]
+        shown = ", ".join(n for n in notes if n)
+        return ROLE_NAMES.get(self.role, self.role) + (f"  ({shown})" if shown else "")
 
     def set_status(self, status: str) -> None:
         self.status = status
-        self.query_one(".author", Label).update(self._heading())
+        self.refresh_heading()
         self.set_class(status != "complete", "unfinished")
+
+    def refresh_heading(self) -> None:
+        self.query_one(".author", Label).update(self._heading())
 
     @property
     def body(self) -> Markdown:
@@ -53,7 +64,8 @@ class ChatView(VerticalScroll):
 
     async def show_messages(self, messages: list[Message]) -> None:
         await self.remove_children()
-        await self.mount_all(MessageView(m.role, m.content, m.status) for m in messages)
+        await self.mount_all(MessageView(m.role, m.content, m.status, m.id, m.rating,
+                                         m.correction is not None) for m in messages)
         self.anchor()
 
     async def add_message(self, role: str, content: str = "", status: str = "complete",
@@ -62,6 +74,11 @@ class ChatView(VerticalScroll):
         await self.mount(view, before=before)
         self.anchor()
         return view
+
+    def last_reply(self) -> MessageView | None:
+        replies = [v for v in self.query(MessageView)
+                   if v.role == "assistant" and v.message_id is not None]
+        return replies[-1] if replies else None
 
     async def add_notice(self, text: str, before: MessageView | None = None) -> MessageView:
         return await self.add_message("notice", text, before=before)

@@ -12,6 +12,7 @@ class StatusBar(Static):
     model: reactive[str] = reactive("no model")
     mode: reactive[str] = reactive("local")
     state: reactive[str] = reactive("")
+    learning: reactive[str] = reactive("")  # a background training job's progress
     last_stats: reactive[dict[str, Any]] = reactive(dict, always_update=True)
 
     def render(self) -> str:
@@ -25,6 +26,8 @@ class StatusBar(Static):
             if cloud and stats.get("mode") == "fused":
                 parts.append(f"cloud agreed {cloud['agreed']:.0%} fused {cloud['fused']:.0%}"
                              f" absent {cloud['absent']:.0%}, {cloud['requests']} requests")
+        if self.learning:
+            parts.append(self.learning)
         if self.state:
             parts.append(self.state)
         return "  ·  ".join(parts)
