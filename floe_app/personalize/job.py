@@ -169,13 +169,7 @@ def _train_and_gate(paths: Paths, config: Config, model_path: Path, store: Store
         engine.close()
 
     rise = evaluated["perplexity"] / perplexity_base - 1
-    reasons = []
-    if rise > config.learning.perplexity_margin:
-        reasons.append(f"general-text perplexity rose {rise:+.1%} (limit"
-                       f" {config.learning.perplexity_margin:+.0%})")
-    if recall_new is not None and recall_before is not None and recall_new < recall_before:
-        reasons.append(f"recall on held-out questions fell from {recall_before:.0%} to"
-                       f" {recall_new:.0%}")
+    reasons = gate_reasons(rise, config.learning.perplexity_margin, recall_before, recall_new)
     counts = {source: len(items) for source, items in dataset.by_source().items()}
     meta = {
         "tier": tier.name, "tier_reason": why, "rank": tier.rank,
@@ -199,6 +193,19 @@ def _train_and_gate(paths: Paths, config: Config, model_path: Path, store: Store
         message = (f"v{row.version} in use: learned {len(dataset.examples)} examples"
                    f"{recall}, perplexity {rise:+.1%}.")
     return JobResult("done", message, row)
+
+
+def gate_reasons(perplexity_rise: float, margin: float, recall_before: float | None,
+                 recall_after: float | None) -> list[str]:
+    """Why a new version must not be used; empty when it passes the gate."""
+    reasons = []
+    if perplexity_rise > margin:
+        reasons.append(f"general-text perplexity rose {perplexity_rise:+.1%} (limit"
+                       f" {margin:+.0%})")
+    if recall_before is not None and recall_after is not None and recall_after < recall_before:
+        reasons.append(f"recall on held-out questions fell from {recall_before:.0%} to"
+                       f" {recall_after:.0%}")
+    return reasons
 
 
 def _recall(engine: LocalEngine, dataset: Dataset, system: dict[str, str],
