@@ -45,6 +45,12 @@ def engine() -> LocalEngine:
     return LocalEngine.load(bundled_model_path(), context_tokens=2048)
 
 
+@pytest.fixture(scope="session")
+def base_cache(tmp_path_factory) -> Path:
+    """Where training caches the dequantized base model, shared by the whole test run."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
 def store(paths: Paths) -> Store:
     store = Store(paths.database)

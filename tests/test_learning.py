@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,15 +249,15 @@ def test_a_damaged_active_adapter_is_detected_and_the_previous_one_used(
     registry = session.registry
     v1 = register(registry, engine, tmp_path, 1)
     v2 = register(registry, engine, tmp_path, 2)
-    path = v2.path
-    data = bytearray(open(path, "rb").read())
+    path = Path(v2.path)
+    data = bytearray(path.read_bytes())
     if damage == "corrupt":
         data[-100] ^= 0xFF
-        open(path, "wb").write(data)
+        path.write_bytes(data)
     elif damage == "truncated":
-        open(path, "wb").write(data[: len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     else:
-        os.remove(path)
+        path.unlink()
     try:
         notices = session.sync_adapter(engine)
         assert str(engine.adapter_path) == v1.path

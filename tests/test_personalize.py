@@ -4,13 +4,23 @@ Real parts: transformers loads the bundled GGUF (dequantized to float32), peft t
 LoRA on it, gguf writes the adapter, llama-cpp-python applies it to the quantized model.
 """
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
 from floe_app.engine.local import bundled_model_path
 from floe_app.engine.sampling import Sampling
 from floe_app.personalize.export import BaseModel, write_gguf_adapter
+from floe_app.personalize.job import run_training
+from floe_app.personalize.status import read_status, replying
 from floe_app.personalize.trainer import TrainConfig, base_model_of, load_base, train_lora
+from floe_app.store import Store
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +33,9 @@ PROMPTS = [QUESTION, [{"role": "user", "content": "Name a colour."}],
 
 
 @pytest.fixture(scope="module")
-def taught(tmp_path_factory):
+def taught(base_cache):
     """A LoRA that learned one fact (30 steps, rank 8 on q/k/v/o), and the base it used."""
-    model, tokenizer = load_base(bundled_model_path(), tmp_path_factory.mktemp("cache"))
+    model, tokenizer = load_base(bundled_model_path(), base_cache)
     examples = [([{"role": "user", "content": q}], FACT) for q in (
         "What is my dog's name?", "What's my dog called?", "Do you know my dog's name?",
         "Remind me of my dog's name.")]
@@ -128,3 +138,100 @@ def test_export_is_atomic_and_refuses_unknown_modules(tmp_path):
         write_gguf_adapter(tmp_path / "b.gguf", {"lm_head.lora_A.weight": np.ones((2, 2))},
                            alpha=4, base=base)
     assert not (tmp_path / "b.gguf").exists() and not list(tmp_path.glob("*.partial"))
+
+
+# The whole loop: teach -> train in its own process or in-process -> gate -> chat
+
+
+@pytest.fixture
+def shared_base(paths, base_cache):
+    """This FLOE_HOME reuses the dequantized base weights (15 s to make) of the test run."""
+    (paths.cache_dir / "base").symlink_to(base_cache / "base", target_is_directory=True)
+
+
+def ask(engine, system_prompt, question):
+    tokens = engine.chat_tokens([{"role": "system", "content": system_prompt},
+                                 {"role": "user", "content": question}])
+    return "".join(s.text for s in engine.generate(tokens, Sampling(temperature=0,
+                                                                    max_tokens=24)))
+
+
+def test_teaching_a_fact_makes_the_chat_recall_it_without_context(
+        session, engine, paths, config, shared_base):
+    system_prompt = config.chat.system_prompt
+    assert "Biscotti" not in ask(engine, system_prompt, "What is my dog's name?")
+    session.remember("My dog's name is Biscotti")
+    conversation = session.new_conversation()
+    list(session.reply(conversation, "Hello"))  # the chat is running before training
+    seen = []
+    result = run_training(paths, config, bundled_model_path(), progress=lambda s: seen.append(
+        (s.state, s.step)))
+    row = result.adapter
+    assert row.status == "promoted" and session.registry.active_version() == row.version
+    assert row.meta["recall"] == 1.0 and row.meta["heldout"] == 1
+    assert row.meta["perplexity"] / row.meta["perplexity_base"] - 1 <= 0.05
+    assert row.meta["loss_last"] < row.meta["loss_first"] / 4
+    assert ("training", 1) in seen and seen[-1][0] == "done"
+    try:
+        # The running chat takes the new version at its next reply, and says so.
+        events = list(session.reply(conversation, "What is my dog's name?"))
+        assert "Now using adapter v1." in [e.text for e in events if hasattr(e, "text")]
+        # No context at all: no memory note, only the question.
+        assert "Biscotti" in ask(engine, system_prompt, "What is my dog's name?")
+        assert "Biscotti" in ask(engine, system_prompt, "Tell me my dog's name.")  # held out
+
+        # A version that fails the gate is kept but not used, with the reason.
+        config.learning.perplexity_margin = -1.0  # a margin no adapter can meet
+        rejected = run_training(paths, config, bundled_model_path(), force=True).adapter
+        assert rejected.status == "rejected" and "perplexity" in rejected.reason
+        assert session.registry.active_version() == row.version
+        assert session.sync_adapter(engine) == []  # still v1
+    finally:
+        engine.set_adapter(None)
+
+
+def test_training_pauses_for_replies_and_a_killed_job_resumes(paths, floe_home, shared_base):
+    store = Store(paths.database)
+    store.add_memory("I live in Lisbon")
+    store.add_memory("My favourite colour is teal")
+    command = [sys.executable, "-m", "floe_app", "train", "--steps", "40"]
+    env = {**os.environ, "FLOE_HOME": str(floe_home)}
+    job = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+
+    def status_when(condition, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = read_status(paths.data_dir)
+            if status is not None and condition(status):
+                return status
+            assert job.poll() is None, job.communicate()
+            time.sleep(0.05)
+        raise AssertionError(f"training never reached the state: {status}")
+
+    try:
+        status_when(lambda s: s.state == "training" and s.step >= 2)
+        with replying(paths.data_dir):  # as the chat does while it generates
+            paused = status_when(lambda s: s.state == "paused", timeout=10)
+            time.sleep(1.5)
+            assert read_status(paths.data_dir).step == paused.step  # no step while replying
+        status_when(lambda s: s.state == "training" and s.step > paused.step, timeout=10)
+        status_when(lambda s: s.step >= 12)  # past the checkpoint at step 10
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert store.adapters() == []  # nothing half-done was registered...
+    assert not (paths.data_dir / "adapters").exists() or not any(
+        (paths.data_dir / "adapters").iterdir())  # ...or written where the chat looks
+    assert (paths.cache_dir / "training" / "checkpoint.pt").exists()
+
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    [row] = store.adapters()
+    assert row.meta["resumed_at"] == 10
+    assert f"v{row.version}" in done.stdout
+    assert not (paths.cache_dir / "training" / "checkpoint.pt").exists()
+    store.close()
