@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -159,6 +160,7 @@ class ChatSession:
         self.paths = paths or Paths(folder, folder, folder / "cache")
         self.registry = Registry(store, self.paths.data_dir / "adapters")
         self._adapter_synced = False
+        self._training: subprocess.Popen | None = None
         self.plugins = plugins
         # Text attached to a conversation by commands such as /attach: local model only.
         self.attachments: dict[int, list[str]] = {}
@@ -321,7 +323,7 @@ class ChatSession:
         job; it continues from its checkpoint once learning resumes."""
         self.config.learning.paused = paused
         write_config(self.paths, self.config)
-        status = read_status(self.paths.data_dir)
+        status = self.training_status()
         if paused and status is not None and status.running:
             os.kill(status.pid, signal.SIGTERM)
 
@@ -333,19 +335,21 @@ class ChatSession:
         learning = self.config.learning
         if learning.paused or not learning.auto:
             return False
-        status = read_status(self.paths.data_dir)
-        if status is not None and status.running:
-            return False
+        status = self.training_status()
+        if self._training is not None or (status is not None and status.running):
+            return False  # ours may not have written its status yet
         dataset = self.dataset()
         versions = self.store.adapters()
         return bool(dataset.examples) and (
             not versions or versions[-1].meta.get("fingerprint") != dataset.fingerprint)
 
-    def start_training(self) -> int:
-        """Train in a background process; returns its pid."""
-        return start_background(self.paths.data_dir, self.model_override)
+    def start_training(self) -> None:
+        """Train in a background process."""
+        self._training = start_background(self.paths.data_dir, self.model_override)
 
     def training_status(self) -> TrainingStatus | None:
+        if self._training is not None and self._training.poll() is not None:
+            self._training = None  # reaped: its pid no longer looks alive
         return read_status(self.paths.data_dir)
 
     def learning_line(self) -> str:

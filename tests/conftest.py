@@ -37,6 +37,7 @@ def config() -> Config:
     config = Config()
     config.chat.temperature = 0.0
     config.chat.max_tokens = 24
+    config.learning.auto = False  # no background training unless a test asks for it
     return config
 
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from floe_app.config import Config, write_config
 from floe_app.errors import FloeError
 from floe_app.personalize.data import (
     build_dataset,
@@ -360,3 +361,46 @@ def test_one_training_job_at_a_time(tmp_path):
         pass
     with training_lock(tmp_path):  # released when the holder ends
         pass
+
+
+# The command line
+
+
+def test_adapters_and_examples_from_the_command_line(paths, floe_home, store, engine, tmp_path):
+    from tests.conftest import run_floe
+
+    assert "No adapters yet" in run_floe("adapters", "list", env_home=floe_home).stdout
+    nothing = run_floe("train", env_home=floe_home)
+    assert nothing.returncode == 1 and "nothing to learn from yet" in nothing.stderr
+    registry = Registry(store, paths.data_dir / "adapters")
+    register(registry, engine, tmp_path, 1)
+    register(registry, engine, tmp_path, 2, status="rejected")
+    listing = run_floe("adapters", "list", env_home=floe_home).stdout.splitlines()
+    assert listing[0].startswith("* v1") and "promoted" in listing[0]
+    assert listing[1].startswith("  v2") and "rejected" in listing[1]
+    assert run_floe("adapters", "use", "2", env_home=floe_home).stdout == "Using v2.\n"
+    assert registry.active_version() == 2
+    rolled = run_floe("adapters", "rollback", env_home=floe_home)
+    assert rolled.stdout == "Rolled back: now using v1.\n" and registry.active_version() == 1
+    missing = run_floe("adapters", "use", "7", env_home=floe_home)
+    assert missing.returncode == 1 and missing.stderr.strip() == \
+        "floe: error: no adapter version 7 (see floe adapters list)"
+
+    assert run_floe("remember", "I live in Lisbon", env_home=floe_home).returncode == 0
+    shown = run_floe("examples", env_home=floe_home).stdout
+    assert "memory (5)" in shown and "Where do I live? -> You live in Lisbon." in shown
+    conversation = store.create_conversation()
+    store.add_message(conversation, "user", "2+2?")
+    answer = store.add_message(conversation, "assistant", "5")
+    assert run_floe("correct", str(answer), "4", env_home=floe_home).returncode == 0
+    assert run_floe("rate", str(answer), "down", env_home=floe_home).returncode == 0
+    assert (store.message(answer).correction, store.message(answer).rating) == ("4", -1)
+    bad = run_floe("rate", "999", "up", env_home=floe_home)
+    assert bad.returncode == 1 and "no reply with id 999" in bad.stderr
+    config = Config()
+    config.learning.paused = True
+    write_config(paths, config)
+    paused = run_floe("train", env_home=floe_home)
+    assert paused.returncode == 1 and "learning is paused" in paused.stderr
+    status = run_floe("train", "--status", env_home=floe_home)
+    assert status.stdout.startswith("learning is paused")  # what the last attempt said

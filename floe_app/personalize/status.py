@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -104,20 +106,17 @@ def training_lock(data_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def start_background(data_dir: Path, model_override: str | None = None) -> int:
-    """Start `floe train --background` detached from this process; returns its pid.
+def start_background(data_dir: Path, model_override: str | None = None) -> subprocess.Popen:
+    """Start `floe train --background` in its own session; the caller polls the process
+    it returns (a finished child stays a zombie, "alive", until polled).
 
     It outlives the chat (a closed terminal does not lose the work) and runs at low
     priority; its output goes to training.log in the data dir.
     """
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", "floe_app"]
     if model_override:
         command += ["--model", model_override]
     command += ["train", "--background"]
     with open(data_dir / "training.log", "ab") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   start_new_session=True)
-    return process.pid
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)

@@ -385,7 +385,8 @@ class FloeApp(App[None]):
         """Train in the background once the user has stopped teaching for learning.delay_s."""
         if self._training_timer is not None:
             self._training_timer.stop()
-        self._training_timer = self.set_timer(self.session.config.learning.delay_s,
+        # Textual's timers divide by their interval: 0 s becomes 0.1 s.
+        self._training_timer = self.set_timer(max(self.session.config.learning.delay_s, 0.1),
                                               self.start_training_if_due)
 
     @work(thread=True, exclusive=True, group="learning")
