@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.fusion_latency
 	$(BIN)/python -m benchmarks.fusion_quality
 	$(BIN)/python -m benchmarks.startup
+	$(BIN)/python -m benchmarks.personalize
 
 dist: $(STAMP)
 	rm -rf dist
