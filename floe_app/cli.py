@@ -369,13 +369,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"\n{status.message}" if status.state == "evaluating" else status.message,
                   file=sys.stderr, flush=True)
 
-    try:
-        result = run_training(session.paths, session.config, session.model_path,
-                              force=args.force, tier_name=args.tier, steps=args.steps,
-                              progress=None if args.background else show)
-    except ModuleNotFoundError as exc:
-        raise FloeError(f"training needs torch, transformers and peft ({exc.name} is missing):"
-                        " pipx install 'floe-assistant[train]'") from exc
+    result = run_training(session.paths, session.config, session.model_path,
+                          force=args.force, tier_name=args.tier, steps=args.steps,
+                          progress=None if args.background else show)
     print(result.message)
     return 0
 

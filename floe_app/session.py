@@ -339,6 +339,9 @@ class ChatSession:
         if self._training is not None or (status is not None and status.running):
             return False  # ours may not have written its status yet
         dataset = self.dataset()
+        if status is not None and status.state == "failed" and \
+                status.fingerprint == dataset.fingerprint:
+            return False  # it failed on these very examples; floe train retries by hand
         versions = self.store.adapters()
         return bool(dataset.examples) and (
             not versions or versions[-1].meta.get("fingerprint") != dataset.fingerprint)

@@ -404,3 +404,24 @@ def test_adapters_and_examples_from_the_command_line(paths, floe_home, store, en
     assert paused.returncode == 1 and "learning is paused" in paused.stderr
     status = run_floe("train", "--status", env_home=floe_home)
     assert status.stdout.startswith("learning is paused")  # what the last attempt said
+
+
+def test_without_the_train_extra_training_explains_and_is_not_retried(
+        session, paths, config, monkeypatch):
+    import importlib.util
+
+    from floe_app.engine.local import bundled_model_path
+    from floe_app.personalize.job import run_training
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    session.remember("My cat is Tom")
+    config.learning.auto = True
+    assert session.training_due()
+    with pytest.raises(FloeError, match=r"torch missing\): pipx install 'floe-assistant\[train\]'"):
+        run_training(paths, config, bundled_model_path())
+    assert session.training_status().state == "failed"
+    assert not session.training_due()  # not again on the same examples...
+    session.remember("I live in Lisbon")
+    assert session.training_due()  # ...but after something new

@@ -184,6 +184,7 @@ def test_teaching_a_fact_makes_the_chat_recall_it_without_context(
         config.learning.perplexity_margin = -1.0  # a margin no adapter can meet
         rejected = run_training(paths, config, bundled_model_path(), force=True).adapter
         assert rejected.status == "rejected" and "perplexity" in rejected.reason
+        assert rejected.meta["anchor_weight"] == 20.0  # it tried again, more anchored
         assert session.registry.active_version() == row.version
         assert session.sync_adapter(engine) == []  # still v1
     finally:

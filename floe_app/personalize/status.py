@@ -32,6 +32,7 @@ class TrainingStatus:
     loss: float | None = None
     message: str = ""
     updated_at: float = 0.0
+    fingerprint: str = ""  # of the examples this job learns (personalize.data.Dataset)
 
     @property
     def running(self) -> bool:
