@@ -174,8 +174,8 @@ def test_api_key_is_sent_but_never_stored(make_session, cloud_config, paths):
     assert session.cloud_target().api_key == secret
     reply(session)
     session.store.close()
-    for path in paths.data_dir.iterdir():
-        assert secret.encode() not in path.read_bytes(), path
+    for path in paths.data_dir.rglob("*"):
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
 
 
 def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):

@@ -155,6 +155,7 @@ def _train_and_gate(paths: Paths, config: Config, model_path: Path, store: Store
             report(state="training")
 
     train_started = time.monotonic()
+    resumed_at = 0  # the step a checkpoint let this job start from
     for anchor_weight in ANCHOR_WEIGHTS:
         train_config = dataclasses.replace(train_config, anchor_weight=anchor_weight)
         result = train_lora(
@@ -166,6 +167,7 @@ def _train_and_gate(paths: Paths, config: Config, model_path: Path, store: Store
             after=lambda tuned: evaluated.update(perplexity=perplexity(tuned, tokenizer,
                                                                        text)),
             anchor_text=bundled_text("anchor_text.txt"))
+        resumed_at = resumed_at or result.resumed_at
         if evaluated["perplexity"] / perplexity_base - 1 <= config.learning.perplexity_margin:
             break
     train_seconds = time.monotonic() - train_started
@@ -191,7 +193,7 @@ def _train_and_gate(paths: Paths, config: Config, model_path: Path, store: Store
         "tier": tier.name, "tier_reason": why, "rank": tier.rank,
         "targets": list(tier.targets), "examples": counts, "steps": len(result.losses),
         "max_steps": train_config.steps, "anchor_weight": train_config.anchor_weight,
-        "resumed_at": result.resumed_at, "loss_first": result.losses[0],
+        "resumed_at": resumed_at, "loss_first": result.losses[0],
         "loss_last": result.losses[-1], "recall": recall_new, "recall_before": recall_before,
         "heldout": len(dataset.heldout), "perplexity": evaluated["perplexity"],
         "perplexity_base": perplexity_base, "fingerprint": dataset.fingerprint,
