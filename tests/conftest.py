@@ -49,7 +49,9 @@ def engine() -> LocalEngine:
 @pytest.fixture(scope="session")
 def base_cache(tmp_path_factory) -> Path:
     """Where training caches the dequantized base model, shared by the whole test run."""
-    return tmp_path_factory.mktemp("cache")
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "base").mkdir()
+    return cache
 
 
 @pytest.fixture
