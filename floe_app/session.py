@@ -288,8 +288,10 @@ class ChatSession:
                                        "Now using the base model without an adapter.")
                     break
                 except ModelError as exc:
+                    if row is None:  # removing an adapter failed: nothing to fall back to
+                        raise
                     problem = str(exc)
-            assert row is not None
+            assert row is not None  # (problem is only set for a row)
             self.registry.mark_broken(row, problem)
             previous = self.registry.rollback()
             notices.append(f"Adapter v{row.version} cannot be used: {problem}. Using "
