@@ -1,0 +1,1 @@
+"""Federated rounds: aggregation of heterogeneous-rank LoRA updates (more to come)."""
