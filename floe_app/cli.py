@@ -348,12 +348,9 @@ def cmd_examples(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from floe_app.personalize.status import read_status
-
     session = open_session(args)
-    data_dir = session.store.path.parent
     if args.status:
-        status = read_status(data_dir)
+        status = session.training_status()
         print(status.line() if status else "No training has run yet.")
         return 0
     if args.background:
@@ -377,6 +374,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
+    from floe_app.personalize.registry import scores
+
     session = open_session(args)
     registry = session.registry
     if args.adapters_command == "use":
@@ -395,12 +394,9 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         print("No adapters yet: teach Floe something, then floe train.")
     for r in rows:
         mark = "*" if r.version == active else " "
-        meta = r.meta
-        recall = "-" if meta.get("recall") is None else f"{meta['recall']:.0%}"
-        rise = (f"{meta['perplexity'] / meta['perplexity_base'] - 1:+.1%}"
-                if meta.get("perplexity_base") else "-")
+        recall, rise = scores(r)
         print(f"{mark} v{r.version:<3} {r.created_at[:16].replace('T', ' ')}  {r.status:<9}"
-              f" {meta.get('tier', '?'):<6} r{meta.get('rank', '?'):<3} recall {recall:>4}"
+              f" {r.meta.get('tier', '?'):<6} r{r.meta.get('rank', '?'):<3} recall {recall:>4}"
               f"  perplexity {rise:>6}  {r.reason or ''}")
     print(f"{'*' if active == 0 else ' '} v0   the base model alone")
     return 0

@@ -23,6 +23,11 @@ class Paths:
     def database(self) -> Path:
         return self.data_dir / "floe.db"
 
+    @property
+    def adapters_dir(self) -> Path:
+        """Trained adapter versions (personalize.registry)."""
+        return self.data_dir / "adapters"
+
     def ensure(self) -> Paths:
         for folder in (self.config_dir, self.data_dir, self.cache_dir):
             folder.mkdir(parents=True, exist_ok=True)

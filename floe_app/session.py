@@ -158,7 +158,7 @@ class ChatSession:
         # Without paths (tests, benchmarks) everything lives beside the database.
         folder = store.path.parent
         self.paths = paths or Paths(folder, folder, folder / "cache")
-        self.registry = Registry(store, self.paths.data_dir / "adapters")
+        self.registry = Registry(store, self.paths.adapters_dir)
         self._adapter_synced = False
         self._training: subprocess.Popen | None = None
         self.plugins = plugins

@@ -372,7 +372,7 @@ def test_adapters_and_examples_from_the_command_line(paths, floe_home, store, en
     assert "No adapters yet" in run_floe("adapters", "list", env_home=floe_home).stdout
     nothing = run_floe("train", env_home=floe_home)
     assert nothing.returncode == 1 and "nothing to learn from yet" in nothing.stderr
-    registry = Registry(store, paths.data_dir / "adapters")
+    registry = Registry(store, paths.adapters_dir)
     register(registry, engine, tmp_path, 1)
     register(registry, engine, tmp_path, 2, status="rejected")
     listing = run_floe("adapters", "list", env_home=floe_home).stdout.splitlines()

@@ -18,7 +18,13 @@ from floe_app.engine.sampling import Sampling
 from floe_app.personalize.export import BaseModel, write_gguf_adapter
 from floe_app.personalize.job import run_training
 from floe_app.personalize.status import read_status, replying
-from floe_app.personalize.trainer import TrainConfig, base_model_of, load_base, train_lora
+from floe_app.personalize.trainer import (
+    TrainConfig,
+    base_model_of,
+    load_base,
+    lora_config,
+    train_lora,
+)
 from floe_app.store import Store
 from tests.conftest import REPO
 
@@ -59,12 +65,10 @@ def adapter_effects(engine, taught, adapter_path):
     """Per prompt: the change in next-token log-probs the adapter causes in torch and in
     llama.cpp, over the tokens that matter (the top 10 with and without it)."""
     import torch
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model, set_peft_model_state_dict
 
     model, tokenizer, config, result = taught
-    peft_model = get_peft_model(model, LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
-        lora_dropout=0.0))
+    peft_model = get_peft_model(model, lora_config(config))
     set_peft_model_state_dict(peft_model, {k: torch.tensor(v) for k, v in result.state.items()})
     effects = []
     try:

@@ -137,10 +137,13 @@ async def test_teaching_in_the_tui_starts_background_training(paths, config, tmp
     async with app.run_test(size=SIZE) as pilot:
         app.query_one("#prompt").text = "/remember My dog's name is Biscotti"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: (read_status(paths.data_dir) or
-                                         type("S", (), {"running": False})).running, 30)
+        def job_running():
+            status = read_status(paths.data_dir)
+            return status is not None and status.running
+
+        await wait_until(pilot, job_running, 30)
         status = read_status(paths.data_dir)
         os.kill(status.pid, signal.SIGTERM)  # its own process: the app is not involved
-        await wait_until(pilot, lambda: not read_status(paths.data_dir).running, 30)
+        await wait_until(pilot, lambda: not job_running(), 30)
         assert "Learning what you taught, in the background." in [
             n.message for n in app._notifications]

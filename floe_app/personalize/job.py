@@ -60,10 +60,6 @@ def bundled_text(name: str) -> str:
     return resources.files("floe_app.personalize").joinpath(name).read_text(encoding="utf-8")
 
 
-def registry_for(paths: Paths, store: Store) -> Registry:
-    return Registry(store, paths.data_dir / "adapters")
-
-
 def run_training(paths: Paths, config: Config, model_path: Path, *, force: bool = False,
                  tier_name: str | None = None, steps: int | None = None,
                  progress: Callable[[TrainingStatus], None] | None = None) -> JobResult:
@@ -178,7 +174,7 @@ def _train_and_gate(paths: Paths, config: Config, model_path: Path, store: Store
         base = base_model_of(engine.metadata)
         staged = write_gguf_adapter(work / "candidate.gguf", result.state,
                                     alpha=train_config.alpha, base=base)
-        registry = registry_for(paths, store)
+        registry = Registry(store, paths.adapters_dir)
         active = registry.active()
         usable = active if active is not None and registry.problem(active) is None else None
         recall_new = _recall(engine, dataset, system, staged)

@@ -25,6 +25,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def scores(row: AdapterRow) -> tuple[str, str]:
+    """A version's held-out recall and general-text perplexity change, as shown to users."""
+    meta = row.meta
+    recall = "-" if meta.get("recall") is None else f"{meta['recall']:.0%}"
+    rise = (f"{meta['perplexity'] / meta['perplexity_base'] - 1:+.1%}"
+            if meta.get("perplexity_base") else "-")
+    return recall, rise
+
+
 class Registry:
     def __init__(self, store: Store, folder: Path) -> None:
         self.store = store

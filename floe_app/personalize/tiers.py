@@ -7,6 +7,7 @@ producing adapters of different ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -83,8 +84,7 @@ def choose_tier(hw: Hardware, requested: str = "auto") -> tuple[Tier, str]:
 
 
 def _fit(tier: Tier, hw: Hardware) -> Tier:
-    threads = max(1, min(tier.threads, hw.physical_cores))
-    return Tier(**{**tier.__dict__, "threads": threads})
+    return dataclasses.replace(tier, threads=max(1, min(tier.threads, hw.physical_cores)))
 
 
 def _memory_gb() -> float:

@@ -92,7 +92,7 @@ def encode(tokenizer: Any, prompt: list[dict[str, str]], answer: str,
     return ids, labels
 
 
-def _lora_config(config: TrainConfig) -> Any:
+def lora_config(config: TrainConfig) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(r=config.rank, lora_alpha=config.alpha,
@@ -126,7 +126,7 @@ def train_lora(model: Any, tokenizer: Any, examples: list[tuple[list[dict[str, s
         anchor = torch.tensor([tokenizer(anchor_text, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():  # the base is frozen: its distribution is computed once
             anchor_base = torch.log_softmax(model(input_ids=anchor).logits.float(), -1)
-    peft_model = get_peft_model(model, _lora_config(config))
+    peft_model = get_peft_model(model, lora_config(config))
     encoded = [encode(tokenizer, prompt, answer, config.max_tokens)
                for prompt, answer in examples]
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],

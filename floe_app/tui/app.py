@@ -398,6 +398,9 @@ class FloeApp(App[None]):
     def train_now(self) -> str:
         if self.session.config.learning.paused:
             return "Learning is paused: switch it on first."
+        status = self.session.training_status()
+        if status is not None and status.running:
+            return "Training is already running."
         self.session.start_training()
         return "Training started in the background."
 

@@ -10,6 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label, Switch
 
 from floe_app.errors import FloeError
+from floe_app.personalize.registry import scores
 from floe_app.session import ChatSession
 
 SOURCE_NAMES = {"memory": "memory note", "accepted": "accepted reply",
@@ -62,12 +63,9 @@ class LearningScreen(ModalScreen[None]):
         adapters.clear()
         active = self.session.registry.active_version()
         for row in reversed(self.session.registry.versions()):
-            meta = row.meta
-            recall = "-" if meta.get("recall") is None else f"{meta['recall']:.0%}"
-            rise = (f"{meta['perplexity'] / meta['perplexity_base'] - 1:+.1%}"
-                    if meta.get("perplexity_base") else "-")
+            recall, rise = scores(row)
             adapters.add_row("*" if row.version == active else "", f"v{row.version}",
-                             row.status, meta.get("tier", "?"), recall, rise,
+                             row.status, row.meta.get("tier", "?"), recall, rise,
                              _short(row.reason or "", 50), key=str(row.version))
         adapters.add_row("*" if active == 0 else "", "v0", "base model", "", "", "", "",
                          key="0")
