@@ -1,0 +1,162 @@
+"""Property tests of the federated math: DP clipping and noise, validation, rounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from floe_app.federated import dp, rounds, validate
+
+SHAPES = rounds.module_shapes(blocks=2, width=12, n_head=3, n_head_kv=1)
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+def arrays_of(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {m: (scale * rng.standard_normal((out, 4))).astype(np.float32)
+            for m, (out, _) in SHAPES.items()}
+
+
+@given(st.integers(0, 10_000), st.floats(1e-3, 1e3), st.floats(1e-3, 1e3))
+def test_clip_bounds_the_norm_and_keeps_small_updates(seed, scale, bound):
+    update = arrays_of(seed, scale)
+    clipped, before = dp.clip(update, bound)
+    assert math.isclose(before, dp.l2_norm(update), rel_tol=1e-6)
+    assert dp.l2_norm(clipped) <= bound * (1 + 1e-5)
+    if before <= bound:  # never scaled up, never changed when within the bound
+        for key in update:
+            np.testing.assert_allclose(clipped[key], update[key], rtol=1e-6)
+    else:  # scaled, direction kept
+        ratio = clipped["layers.0.self_attn.q_proj"] / update["layers.0.self_attn.q_proj"]
+        np.testing.assert_allclose(ratio, bound / before, rtol=1e-4)
+
+
+def test_noise_has_the_promised_scale():
+    update = {"x": np.zeros((400, 250), np.float32)}
+    noised, _ = dp.privatize(update, bound=0.5, noise_multiplier=2.0,
+                             rng=np.random.default_rng(1))
+    assert noised["x"].std() == pytest.approx(1.0, rel=0.02)  # z * C
+    assert abs(noised["x"].mean()) < 0.01
+    same, _ = dp.privatize(update, bound=0.5, noise_multiplier=0.0,
+                           rng=np.random.default_rng(1))
+    assert not same["x"].any()
+
+
+def test_epsilon_grows_with_rounds_and_falls_with_noise():
+    assert dp.epsilon([], 1e-5) == 0.0
+    assert dp.epsilon([0.0], 1e-5) == math.inf
+    one, two = dp.epsilon([1.0], 1e-5), dp.epsilon([1.0, 1.0], 1e-5)
+    assert 0 < one < two < 2 * one  # composition is sublinear under RDP
+    assert dp.epsilon([4.0], 1e-5) < one
+    # The Gaussian mechanism's classic bound (valid for eps < 1): z = sqrt(2 ln(1.25/d))/eps.
+    z = math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
+    assert dp.epsilon([z], 1e-5) <= 0.5
+
+
+def test_padding_adds_zero_columns_only():
+    b = np.arange(12, dtype=np.float32).reshape(3, 4)
+    padded = dp.pad_columns(b, 16)
+    assert padded.shape == (3, 16) and not padded[:, 4:].any()
+    np.testing.assert_array_equal(padded[:, :4], b)
+    with pytest.raises(ValueError, match="above the round's maximum"):
+        dp.pad_columns(b, 2)
+
+
+def test_arrays_problem_names_what_is_wrong():
+    expected = {k: v.shape for k, v in arrays_of(0).items()}
+    good = arrays_of(1)
+    assert validate.arrays_problem(good, expected) is None
+    bad = dict(good, **{"layers.0.self_attn.q_proj": np.full((12, 4), np.nan, np.float32)})
+    assert "NaN or infinite" in validate.arrays_problem(bad, expected)
+    bad = dict(good, **{"layers.0.self_attn.q_proj": np.zeros((12, 5), np.float32)})
+    assert "wrong shape" in validate.arrays_problem(bad, expected)
+    missing = {k: v for k, v in good.items() if "q_proj" not in k}
+    assert "missing" in validate.arrays_problem(missing, expected)
+    extra = dict(good, evil=np.zeros(3, np.float32))
+    assert "unexpected" in validate.arrays_problem(extra, expected)
+    ints = dict(good, **{"layers.0.self_attn.q_proj": np.zeros((12, 4), np.int64)})
+    assert "floating point" in validate.arrays_problem(ints, expected)
+
+
+@given(st.lists(st.floats(0.5, 2.0), min_size=3, max_size=20), st.floats(11, 1e6))
+def test_norm_outliers_refuse_one_huge_update_only(honest, factor):
+    norms = {f"c{i}": n for i, n in enumerate(honest)}
+    assert validate.norm_outliers(norms) == {}  # honest spread (4x at most) passes
+    norms["evil"] = factor * max(honest)
+    refused = validate.norm_outliers(norms)
+    assert set(refused) == {"evil"}
+    assert "median" in refused["evil"]
+
+
+def test_norm_bound_refuses_even_with_two_clients():
+    refused = validate.norm_outliers({"a": 1.0, "b": 50.0}, bound=10.0)
+    assert set(refused) == {"b"}
+    # An honest noised update stays under the bound.
+    rng = np.random.default_rng(3)
+    update = arrays_of(3)
+    coords = sum(a.size for a in update.values())
+    noised, _ = dp.privatize(update, bound=1.0, noise_multiplier=1.5, rng=rng)
+    assert dp.l2_norm(noised) < validate.noised_norm_bound(1.0, 1.5, coords)
+
+
+def test_base_problem():
+    assert validate.base_problem("smollm2", "smollm2") is None
+    assert "another base model" in validate.base_problem("gemma", "smollm2")
+
+
+def test_initial_shared_adapter_is_zero_with_orthonormal_rows():
+    shared = rounds.initial(SHAPES, rank=8, seed=0)
+    for module, (b, a) in shared.items():
+        assert b.shape == (SHAPES[module][0], 8) and not b.any()
+        np.testing.assert_allclose(a @ a.T, np.eye(8), atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1, 2, 4]), st.integers(1, 50)), min_size=1,
+                max_size=4), st.integers(0, 1000))
+def test_a_round_keeps_rows_orthonormal_and_the_weighted_sum_when_rank_allows(devices, seed):
+    rng = np.random.default_rng(seed)
+    top = 8
+    shared = rounds.initial(SHAPES, rank=top, seed=seed)
+    updates = []
+    for rank, examples in devices:
+        delta = {m: dp.pad_columns(0.1 * rng.standard_normal((out, rank)).astype(np.float32),
+                                   top) for m, (out, _) in SHAPES.items()}
+        updates.append((rounds.rebuild(shared, delta, rank), examples))
+    new, kept = rounds.aggregate(updates, rank=top, seed=seed)
+    total = sum(n for _, n in updates)
+    for module, (b, a) in new.items():
+        np.testing.assert_allclose(a @ a.T, np.eye(top), atol=1e-4)
+        expected = sum(n / total * (u.modules[module][0] @ u.modules[module][1])
+                       for u, n in updates)
+        # Every device's rank is a prefix of the same A, so the sum has rank <= 4 < 8: exact.
+        np.testing.assert_allclose(b @ a, expected, atol=1e-4)
+    assert kept == pytest.approx(1.0)
+
+
+def test_rank_cut_keeps_the_top_energy_and_reports_the_rest():
+    rng = np.random.default_rng(0)
+    shared = rounds.initial(SHAPES, rank=4, seed=0)
+    # Two rank-4 devices share A's rows, so their sum has rank 4; cut to 2 it loses energy.
+    updates = [(rounds.rebuild(shared, {m: rng.standard_normal((out, 4)).astype(np.float32)
+                                        for m, (out, _) in SHAPES.items()}, 4), 1)
+               for _ in range(2)]
+    cut, kept = rounds.aggregate(updates, rank=2)
+    assert 0 < kept < 1
+    for module, (b, a) in cut.items():
+        full = sum(0.5 * u.modules[module][0] @ u.modules[module][1] for u, _ in updates)
+        s = np.linalg.svd(full, compute_uv=False)
+        err = np.linalg.norm(full - b @ a)
+        assert err == pytest.approx(math.sqrt(np.sum(s[2:] ** 2)), rel=1e-3)
+
+
+def test_device_start_is_a_prefix():
+    shared = rounds.initial(SHAPES, rank=8, seed=2)
+    start = rounds.device_start(shared, 4)
+    for module, (b, a) in start.items():
+        assert b.shape[1] == 4 and a.shape[0] == 4
+        np.testing.assert_array_equal(a, shared[module][1][:4])
