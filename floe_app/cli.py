@@ -110,6 +110,49 @@ def build_parser() -> argparse.ArgumentParser:
     plugin_uninstall = plugin_commands.add_parser("uninstall", help="remove a plugin")
     plugin_uninstall.add_argument("name", nargs="+")
 
+    private = commands.add_parser("private", help="keep a conversation out of what a"
+                                  " federation learns from (or let it back in)")
+    private.add_argument("conversation", type=int)
+    private.add_argument("state", choices=["on", "off"], nargs="?", default="on")
+
+    sync = commands.add_parser("sync", help="take part in federated rounds in the background")
+    sync_commands = sync.add_subparsers(dest="sync_command", metavar="ACTION", required=True)
+    sync_commands.add_parser("start", help="start the sync service (stays up after the chat)")
+    sync_commands.add_parser("stop", help="stop it: nothing more is uploaded")
+    sync_status = sync_commands.add_parser("status", help="service, rounds, privacy spent")
+    sync_status.add_argument("--json", action="store_true")
+    sync_commands.add_parser("run", help="run the service in the foreground (systemd, launchd)")
+
+    federation = commands.add_parser("federation", help="run a federation (operators)")
+    federation_commands = federation.add_subparsers(dest="federation_command",
+                                                    metavar="ACTION", required=True)
+    serve = federation_commands.add_parser(
+        "serve", help="start a Flower SuperLink and run rounds of Floe's shared adapter")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="listen address (0.0.0.0: every interface; use TLS then)")
+    serve.add_argument("--port", type=int, default=9092)
+    serve.add_argument("--state-dir", type=Path,
+                       help="SuperLink database, shared adapters, round log (default: data"
+                            " dir/federation)")
+    serve.add_argument("--rounds", type=int, default=2,
+                       help="total rounds (a restarted serve carries on to this number)")
+    serve.add_argument("--rank", type=int, default=16, help="rank of the shared adapter")
+    serve.add_argument("--clip-norm", type=float, default=1.0)
+    serve.add_argument("--noise-multiplier", type=float, default=1.0,
+                       help="least DP noise every update must carry")
+    serve.add_argument("--steps", type=int, default=20, help="local steps per round")
+    serve.add_argument("--learning-rate", type=float, default=2e-3)
+    serve.add_argument("--min-nodes", type=int, default=2,
+                       help="wait for this many devices before a round")
+    serve.add_argument("--round-timeout", type=float, default=900.0)
+    serve.add_argument("--ssl-certfile", default="")
+    serve.add_argument("--ssl-keyfile", default="")
+    serve.add_argument("--ssl-ca-certfile", default="")
+    serve.add_argument("--supernode-auth", action="store_true",
+                       help="only registered devices may join (flwr supernode register)")
+    serve.add_argument("--keep", action="store_true",
+                       help="keep the SuperLink running after the run")
+
     doctor = commands.add_parser("doctor", help="check the model, the CPU, paths and versions")
     doctor.add_argument("--json", action="store_true")
     return parser
@@ -411,8 +454,110 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_private(args: argparse.Namespace) -> int:
+    session = open_session(args)
+    if session.store.conversation(args.conversation) is None:
+        raise FloeError(f"no conversation {args.conversation} (see floe history list)")
+    session.store.set_conversation_private(args.conversation, args.state == "on")
+    print(f"Conversation {args.conversation} is "
+          + ("private: no federation learns from it." if args.state == "on" else
+             "shareable again (only accepted replies and corrections are shared)."))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from floe_app.federated import service
+    from floe_app.personalize.tiers import choose_tier, probe
+
+    paths, config, _ = load_settings()
+    if args.sync_command == "stop":
+        print("Sync stopped: nothing more is uploaded." if service.stop_sync(paths)
+              else "Sync is not running.")
+        return 0
+    if args.sync_command == "status":
+        return print_sync_status(paths, args.json)
+    tier, _ = choose_tier(probe(), config.learning.tier)
+    if args.sync_command == "run":
+        command = service.supernode_command(paths, config, tier.rank, service.free_port())
+        os.execve(command[0], command, service.flower_env(paths.data_dir / "flwr"))
+    state = service.start_sync(paths, config, tier.rank)
+    print(f"Sync started (pid {state.pid}): rank {state.rank} ({tier.name} tier), joining"
+          f" {state.address} when this computer is idle and on power. Log:"
+          f" {paths.data_dir / 'sync.log'}")
+    return 0
+
+
+def print_sync_status(paths: Paths, as_json: bool) -> int:
+    from floe_app.federated import service
+    from floe_app.store import Store
+
+    state = service.sync_state(paths)
+    store = Store(paths.database)
+    try:
+        rows, shared = store.federation_rounds(), store.shared_adapters()
+    finally:
+        store.close()
+    uploads = [r for r in rows if r["outcome"] == "uploaded"]
+    epsilon = uploads[-1]["epsilon"] if uploads else 0.0
+    if as_json:
+        print(json.dumps({"running": state is not None, "pid": state and state.pid,
+                          "address": state and state.address, "rank": state and state.rank,
+                          "uploads": len(uploads), "epsilon": epsilon, "rounds": rows,
+                          "shared": shared[-1] if shared else None}))
+        return 0
+    print(f"Sync: running (pid {state.pid}), {state.address}, rank {state.rank}" if state
+          else "Sync: not running (floe sync start)")
+    print(f"Rounds: {len(uploads)} uploads, {len(rows) - len(uploads)} declined or refused;"
+          f" privacy spent: epsilon {epsilon:.2f}")
+    if rows and rows[-1]["outcome"] != "uploaded":
+        print(f"Last: {rows[-1]['outcome']}: {rows[-1]['reason']}")
+    if shared:
+        print(f"Shared adapter: round {shared[-1]['round'] or 'final'} of"
+              f" {shared[-1]['federation']}, rank {shared[-1]['rank']}")
+    return 0
+
+
+def cmd_federation(args: argparse.Namespace) -> int:
+    from floe_app.federated import service
+
+    paths, _, _ = load_settings()
+    options = service.ServeOptions(
+        state_dir=(args.state_dir or paths.data_dir / "federation").expanduser().resolve(),
+        run_config={"rounds": args.rounds, "rank": args.rank, "clip-norm": args.clip_norm,
+                    "noise-multiplier": args.noise_multiplier, "steps": args.steps,
+                    "learning-rate": args.learning_rate, "min-nodes": args.min_nodes,
+                    "round-timeout": args.round_timeout},
+        host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile, ssl_ca_certfile=args.ssl_ca_certfile,
+        supernode_auth=args.supernode_auth, keep=args.keep)
+    if options.host not in service.LOOPBACK and not options.ssl_certfile:
+        print("floe: warning: serving beyond this machine without TLS (--ssl-certfile):"
+              " updates travel unencrypted", file=sys.stderr)
+    operator = service.Operator(options)
+    try:
+        operator.start_link()
+        print(f"SuperLink on {options.host}:{options.port} (state in {options.state_dir});"
+              f" devices join with federation.address = {options.host}:{options.port}",
+              flush=True)
+        run_id = operator.submit()
+        print(f"Run {run_id}: {args.rounds} rounds at rank {args.rank}, noise x"
+              f"{args.noise_multiplier:g}, clip {args.clip_norm:g}", flush=True)
+        status = operator.follow(run_id, lambda line: print(line, flush=True))
+        print(f"Run {run_id} {status}", flush=True)
+        if not status.startswith("finished:completed"):
+            return 1
+        if options.keep:
+            print("SuperLink kept running; Ctrl+C stops it.", flush=True)
+            if operator.link is not None:
+                operator.link.wait()
+        return 0
+    finally:
+        operator.stop_link()
+
+
 HANDLERS = {"ask": cmd_ask, "history": cmd_history, "ledger": cmd_ledger,
             "remember": cmd_memory, "memories": cmd_memory, "forget": cmd_memory,
             "plugins": cmd_plugins, "doctor": cmd_doctor, "rate": cmd_rate,
             "correct": cmd_rate, "examples": cmd_examples, "train": cmd_train,
-            "adapters": cmd_adapters}
+            "adapters": cmd_adapters, "private": cmd_private, "sync": cmd_sync,
+            "federation": cmd_federation}

@@ -212,6 +212,55 @@ class LearningSettings:
 
 
 @dataclass
+class FederationSettings:
+    enabled: bool = field(
+        default=False,
+        metadata=_rule("true or false", lambda v: True,
+                       "join federated rounds (floe sync start); false stops every upload"),
+    )
+    address: str = field(
+        default="",
+        metadata=_rule("host:port", lambda v: v == "" or (":" in v and " " not in v),
+                       "the federation's SuperLink (Fleet API), given by its operator"),
+    )
+    root_certificates: str = field(
+        default="",
+        metadata=_rule("a file path or empty", lambda v: True,
+                       "the federation's TLS root certificate (PEM); empty: no TLS (loopback)"),
+    )
+    node_key: str = field(
+        default="",
+        metadata=_rule("a file path or empty", lambda v: True,
+                       "this device's private key, if the federation authenticates nodes"),
+    )
+    min_noise_multiplier: float = field(
+        default=1.0,
+        metadata=_rule("a number from 0 to 100", lambda v: 0 <= v <= 100,
+                       "least DP noise added to uploads (noise std / clipping bound)"),
+    )
+    max_epsilon: float = field(
+        default=10.0,
+        metadata=_rule("a number above 0", lambda v: v > 0,
+                       "privacy budget: no upload once epsilon would pass it"),
+    )
+    delta: float = field(
+        default=1e-5,
+        metadata=_rule("a number between 0 and 0.01", lambda v: 0 < v <= 0.01,
+                       "the delta epsilon is reported at"),
+    )
+    share_replies: bool = field(
+        default=True,
+        metadata=_rule("true or false", lambda v: True,
+                       "the shared adapter learns from replies you gave a thumbs up"),
+    )
+    share_corrections: bool = field(
+        default=True,
+        metadata=_rule("true or false", lambda v: True,
+                       "the shared adapter learns from your corrections"),
+    )
+
+
+@dataclass
 class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
@@ -219,6 +268,7 @@ class Config:
     fusion: FusionSettings = field(default_factory=FusionSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     learning: LearningSettings = field(default_factory=LearningSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
 
 
 @dataclass(frozen=True)

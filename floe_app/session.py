@@ -45,6 +45,7 @@ from floe_app.personalize.status import (
 )
 from floe_app.plugins import Plugins
 from floe_app.store import Conversation, Message, Store
+from floe_app.store.db import AdapterRow
 
 # How often a streaming reply is saved: what a crash can lose at most.
 FLUSH_INTERVAL_S = 0.2
@@ -160,6 +161,7 @@ class ChatSession:
         self.paths = paths or Paths(folder, folder, folder / "cache")
         self.registry = Registry(store, self.paths.adapters_dir)
         self._adapter_synced = False
+        self._refused_shared: set[int] = set()  # shared adapters that failed here
         self._training: subprocess.Popen | None = None
         self.plugins = plugins
         # Text attached to a conversation by commands such as /attach: local model only.
@@ -268,26 +270,32 @@ class ChatSession:
     # Learning
 
     def sync_adapter(self, engine: LocalEngine) -> list[str]:
-        """Apply the registry's active adapter if the engine has another one; returns notices.
+        """Apply the registry's active adapter, composed with the newest shared adapter from
+        federated rounds, if the engine has another one; returns notices.
 
         A version whose file is missing, corrupt or refused by llama.cpp is marked broken
         and the one used before it takes its place, so the chat always has a working model.
+        A shared adapter that cannot be used is left out (with a notice) until a newer one
+        arrives.
         """
         notices = []
         while True:
             row = self.registry.active()
-            path = Path(row.path) if row is not None else None
-            if engine.adapter_path == path:
-                break
             problem = self.registry.problem(row) if row is not None else None
             if problem is None:
+                path, shared = self._adapter_path(row, notices)
+                if engine.adapter_path == path:
+                    break
                 try:
                     engine.set_adapter(path)
                     if self._adapter_synced:
-                        notices.append(f"Now using adapter v{row.version}." if row else
-                                       "Now using the base model without an adapter.")
+                        notices.append(_using(row, shared))
                     break
                 except ModelError as exc:
+                    if shared is not None:  # try again without the shared part
+                        self._refused_shared.add(shared["id"])
+                        notices.append(f"The shared adapter cannot be used: {exc}.")
+                        continue
                     if row is None:  # removing an adapter failed: nothing to fall back to
                         raise
                     problem = str(exc)
@@ -298,6 +306,20 @@ class ChatSession:
                            + (f"v{previous} instead." if previous else "the base model."))
         self._adapter_synced = True
         return notices
+
+    def _adapter_path(self, row: AdapterRow | None,
+                      notices: list[str]) -> tuple[Path | None, dict[str, Any] | None]:
+        """The file to apply for personal version `row` and the shared adapter used."""
+        personal = Path(row.path) if row is not None else None
+        shared = self.registry.latest_shared(exclude=self._refused_shared)
+        if shared is None:
+            return personal, None
+        try:
+            return self.registry.composed(row, shared), shared
+        except FloeError as exc:
+            self._refused_shared.add(shared["id"])
+            notices.append(f"The shared adapter cannot be used: {exc}.")
+            return personal, None
 
     def rate(self, message_id: int, rating: int | None) -> None:
         self._taught_reply(message_id)
@@ -629,3 +651,12 @@ def conversation_markdown(conversation: Conversation, messages: list[Message]) -
         note = "" if message.status == "complete" else f" _({message.status})_"
         lines += [f"## {who}{note}", "", message.content or "_(no text)_", ""]
     return "\n".join(lines)
+
+
+def _using(row: AdapterRow | None, shared: dict[str, Any] | None) -> str:
+    personal = f"adapter v{row.version}" if row is not None else None
+    common = (f"the shared adapter (round {shared['round'] or 'final'})"
+              if shared is not None else None)
+    if personal is None and common is None:
+        return "Now using the base model without an adapter."
+    return "Now using " + " with ".join(p for p in (personal, common) if p) + "."

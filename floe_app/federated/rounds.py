@@ -32,6 +32,14 @@ def module_shapes(blocks: int, width: int, n_head: int, n_head_kv: int,
     return {f"layers.{i}.self_attn.{t}": dims[t] for i in range(blocks) for t in targets}
 
 
+def model_shapes(metadata: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """module_shapes of the model whose GGUF metadata (as llama.cpp reports it) is given."""
+    arch = metadata["general.architecture"]
+    return module_shapes(*(int(metadata[f"{arch}.{key}"]) for key in (
+        "block_count", "embedding_length", "attention.head_count",
+        "attention.head_count_kv")))
+
+
 def complete_rows(a: np.ndarray, filled: int, rng: np.random.Generator) -> np.ndarray:
     """A with rows from `filled` on replaced by random unit rows orthogonal to the others."""
     rank, width = a.shape

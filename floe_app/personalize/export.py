@@ -1,4 +1,5 @@
-"""peft LoRA weights to a GGUF LoRA adapter that llama.cpp loads. numpy and gguf only.
+"""GGUF LoRA adapters for llama.cpp: written from peft weights, read back, composed.
+numpy and gguf only (no torch: the chat composes adapters).
 
 llama.cpp's converter permutes the rows of q_proj and k_proj for its RoPE layout, and
 transformers undoes that when it loads a GGUF; so the B factors of q and k, trained against
@@ -58,12 +59,49 @@ def gguf_tensors(state: dict[str, np.ndarray], base: BaseModel) -> dict[str, np.
     return tensors
 
 
+def peft_factors(state: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A peft state dict as {"layers.{i}.{module}": (B, A)}, in transformers' layout."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state.items():
+        match = PEFT_KEY.search(key)
+        if match is None:
+            raise ValueError(f"not a LoRA weight of a supported module: {key}")
+        block, module, factor = match.groups()
+        parts.setdefault(f"layers.{block}.{module}", {})[factor] = np.asarray(value)
+    return {name: (f["B"], f["A"]) for name, f in sorted(parts.items())}
+
+
+def peft_state(factors: dict[str, tuple[np.ndarray, np.ndarray]],
+               like: dict[str, object] | None = None) -> dict[str, np.ndarray]:
+    """The inverse of peft_factors; with `like`, keyed as that state dict is."""
+    if like is None:
+        like = {f"base_model.model.model.{name}.lora_{f}.weight": None
+                for name in factors for f in "AB"}
+    state = {}
+    for key in like:
+        match = PEFT_KEY.search(key)
+        if match is None:
+            raise ValueError(f"not a LoRA weight of a supported module: {key}")
+        block, module, factor = match.groups()
+        b, a = factors[f"layers.{block}.{module}"]
+        state[key] = np.asarray(b if factor == "B" else a, dtype=np.float32)
+    return state
+
+
 def write_gguf_adapter(path: Path, state: dict[str, np.ndarray], *, alpha: float,
                        base: BaseModel) -> Path:
-    """Write the adapter atomically: a crash leaves the old file or none, never half of one."""
+    """Write peft weights as an adapter, atomically (see write_gguf_tensors)."""
+    return write_gguf_tensors(path, gguf_tensors(state, base), alpha=alpha, base=base)
+
+
+def write_gguf_tensors(path: Path, tensors: dict[str, np.ndarray], *, alpha: float,
+                       base: BaseModel) -> Path:
+    """Write the adapter atomically: a crash leaves the old file or none, never half of one.
+
+    alpha 0 tells llama.cpp to apply every tensor unscaled (composed adapters fold their
+    scales into B)."""
     import gguf
 
-    tensors = gguf_tensors(state, base)  # refuses bad input before a file is touched
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -74,7 +112,7 @@ def write_gguf_adapter(path: Path, state: dict[str, np.ndarray], *, alpha: float
         writer.add_float32("adapter.lora.alpha", float(alpha))
         writer.add_string("floe.base_model", base.identity)
         for name, array in sorted(tensors.items()):
-            writer.add_tensor(name, array)
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -86,3 +124,58 @@ def write_gguf_adapter(path: Path, state: dict[str, np.ndarray], *, alpha: float
         tmp.unlink(missing_ok=True)  # disk full, killed: nothing half-written stays behind
         raise
     return path
+
+
+@dataclass
+class GgufAdapter:
+    """An adapter file's tensors (llama.cpp names and layout) and what it was made for."""
+
+    tensors: dict[str, np.ndarray]
+    alpha: float
+    base_identity: str
+    arch: str
+
+    def scaled(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{tensor prefix: (B, A)} with llama.cpp's alpha / rank folded into B."""
+        out = {}
+        for name, a in self.tensors.items():
+            if name.endswith(".lora_a"):
+                prefix = name[:-len(".lora_a")]
+                b = self.tensors[prefix + ".lora_b"]
+                scale = self.alpha / a.shape[0] if self.alpha else 1.0
+                out[prefix] = (b * scale, a)
+        return out
+
+
+def read_gguf_adapter(path: Path) -> GgufAdapter:
+    """Read an adapter file; ValueError if it is not a LoRA adapter."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key: str) -> object:
+        found = reader.get_field(key)
+        return None if found is None else found.contents()
+
+    if field("general.type") != "adapter" or field("adapter.type") != "lora":
+        raise ValueError(f"{Path(path).name} is not a LoRA adapter")
+    # GGUF stores dims innermost first; numpy's shape is the reverse, as written.
+    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(
+        tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
+    return GgufAdapter(tensors, float(field("adapter.lora.alpha") or 0.0),
+                       str(field("floe.base_model") or ""),
+                       str(field("general.architecture") or ""))
+
+
+def compose(adapters: list[GgufAdapter]) -> dict[str, np.ndarray]:
+    """One adapter equal to applying all of them: ranks stacked, B = [B1 B2], A = [A1; A2],
+    each scale folded into its B (write the result with alpha 0)."""
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for adapter in adapters:
+        for prefix, factors in adapter.scaled().items():
+            parts.setdefault(prefix, []).append(factors)
+    tensors = {}
+    for prefix, factors in parts.items():
+        tensors[prefix + ".lora_b"] = np.concatenate([b for b, _ in factors], axis=1)
+        tensors[prefix + ".lora_a"] = np.concatenate([a for _, a in factors], axis=0)
+    return tensors

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,19 @@ def scores(row: AdapterRow) -> tuple[str, str]:
     rise = (f"{meta['perplexity'] / meta['perplexity_base'] - 1:+.1%}"
             if meta.get("perplexity_base") else "-")
     return recall, rise
+
+
+def file_problem(path: Path, size: int, sha256: str) -> str | None:
+    """Why an adapter file cannot be used (missing, truncated, corrupt), or None."""
+    try:
+        found = path.stat().st_size
+    except OSError:
+        return f"its file {path.name} is missing"
+    if found != size:
+        return f"its file is truncated ({found:,} of {size:,} bytes)"
+    if sha256_of(path) != sha256:
+        return "its file is corrupt (checksum mismatch)"
+    return None
 
 
 class Registry:
@@ -71,16 +85,46 @@ class Registry:
 
     def problem(self, row: AdapterRow) -> str | None:
         """Why this version's file cannot be used, or None when it is intact."""
-        path = Path(row.path)
+        return file_problem(Path(row.path), row.size, row.sha256)
+
+    # Shared adapters (from federated rounds): composed with the personal version
+
+    def latest_shared(self, exclude: Collection[int] = ()) -> dict[str, Any] | None:
+        rows = [r for r in self.store.shared_adapters() if r["id"] not in exclude]
+        return rows[-1] if rows else None
+
+    def composed(self, personal: AdapterRow | None, shared: dict[str, Any]) -> Path:
+        """One adapter file applying both (ranks stacked: exact), built once and kept.
+
+        Raises FloeError if the shared file is damaged or made for another base."""
+        shared_path = Path(shared["path"])
+        why = file_problem(shared_path, shared["size"], shared["sha256"])
+        if why is not None:
+            raise FloeError(why)
+        if personal is None:
+            return shared_path
+        target = self.folder / f"composed-{personal.sha256[:12]}-{shared['sha256'][:12]}.gguf"
+        if target.exists():
+            return target
+        from floe_app.personalize.export import (
+            BaseModel,
+            compose,
+            read_gguf_adapter,
+            write_gguf_tensors,
+        )
+
         try:
-            size = path.stat().st_size
-        except OSError:
-            return f"its file {path.name} is missing"
-        if size != row.size:
-            return f"its file is truncated ({size:,} of {row.size:,} bytes)"
-        if sha256_of(path) != row.sha256:
-            return "its file is corrupt (checksum mismatch)"
-        return None
+            mine, ours = read_gguf_adapter(Path(personal.path)), read_gguf_adapter(shared_path)
+        except (OSError, ValueError) as exc:
+            raise FloeError(f"cannot read it ({exc})") from None
+        if mine.base_identity != ours.base_identity:
+            raise FloeError(f"it was made for another base model ({ours.base_identity})")
+        try:
+            return write_gguf_tensors(target, compose([mine, ours]), alpha=0.0,
+                                      base=BaseModel(mine.base_identity, mine.arch, 0, 0))
+        except OSError as exc:
+            raise FloeError(f"cannot write the composed adapter: {exc.strerror or exc}"
+                            ) from None
 
     def active_version(self) -> int:
         history = self.store.adapter_history()

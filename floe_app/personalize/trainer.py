@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from floe_app.engine.local import base_identity
-from floe_app.personalize.export import BaseModel
+from floe_app.personalize.export import BaseModel, peft_state
 
 CHECKPOINT_EVERY = 10
 STOP_WINDOW = 8
@@ -39,6 +39,9 @@ class TrainConfig:
     # Weight of KL(base || tuned) over an unrelated anchor text, added to every step's loss:
     # learning a fact should not change how the model writes everything else.
     anchor_weight: float = 0.0
+    # False: A stays as given and only B learns (the shared adapter's rounds: the server
+    # can then rebuild every device's product exactly).
+    train_a: bool = True
 
 
 @dataclass
@@ -105,8 +108,12 @@ def train_lora(model: Any, tokenizer: Any, examples: list[tuple[list[dict[str, s
                checkpoint: Path | None = None, checkpoint_key: str = "",
                before_step: Callable[[], None] | None = None,
                after: Callable[[Any], None] | None = None,
-               anchor_text: str = "") -> TrainResult:
-    """Train a fresh LoRA on (prompt messages, answer) pairs; returns its weights.
+               anchor_text: str = "",
+               init: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> TrainResult:
+    """Train a LoRA on (prompt messages, answer) pairs; returns its weights.
+
+    It starts fresh (peft's initialisation), or from `init`: {module: (B, A)} with the
+    module named as export.peft_factors names it.
 
     With `checkpoint`, the state is saved every few steps and a run with the same
     `checkpoint_key` (same examples and settings) continues from it. `before_step` runs
@@ -127,6 +134,14 @@ def train_lora(model: Any, tokenizer: Any, examples: list[tuple[list[dict[str, s
         with torch.no_grad():  # the base is frozen: its distribution is computed once
             anchor_base = torch.log_softmax(model(input_ids=anchor).logits.float(), -1)
     peft_model = get_peft_model(model, lora_config(config))
+    if init is not None:
+        set_peft_model_state_dict(peft_model, {
+            key: torch.from_numpy(np.ascontiguousarray(value))
+            for key, value in peft_state(init, get_peft_model_state_dict(peft_model)).items()})
+    if not config.train_a:
+        for name, parameter in peft_model.named_parameters():
+            if "lora_A" in name:
+                parameter.requires_grad_(False)
     encoded = [encode(tokenizer, prompt, answer, config.max_tokens)
                for prompt, answer in examples]
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
@@ -184,8 +199,6 @@ def train_lora(model: Any, tokenizer: Any, examples: list[tuple[list[dict[str, s
     finally:
         peft_model.unload()  # leaves the base model as it was, for the next run
     return result
-
-
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ class Conversation:
     created_at: str
     updated_at: str
     mode: str | None = None
+    private: int | None = None
     message_count: int = 0
 
 
@@ -208,6 +209,10 @@ class Store:
         with self._write():
             self.db["conversations"].update(conversation_id, {"mode": mode})
 
+    def set_conversation_private(self, conversation_id: int, private: bool) -> None:
+        with self._write():
+            self.db["conversations"].update(conversation_id, {"private": int(private)})
+
     def delete_conversation(self, conversation_id: int) -> None:
         with self._write():
             self.db["messages"].delete_where("conversation_id = ?", [conversation_id])
@@ -301,16 +306,18 @@ class Store:
         with self._write():
             self.db["messages"].update(message_id, {"learn": None if learn else 0})
 
-    def taught_replies(self) -> list[TaughtReply]:
+    def taught_replies(self, *, shareable: bool = False) -> list[TaughtReply]:
         """Replies accepted or corrected and not removed from learning, with the user message
-        each answered."""
+        each answered. `shareable`: leave out conversations marked private."""
+        private = " and coalesce(c.private, 0) = 0" if shareable else ""
         with self._guard():
             rows = self.db.query(
                 "select m.id, m.content, m.rating, m.correction, (select q.content from messages"
                 " q where q.conversation_id = m.conversation_id and q.id < m.id and q.role ="
                 " 'user' order by q.id desc limit 1) as question from messages m"
+                " join conversations c on c.id = m.conversation_id"
                 " where m.role = 'assistant' and coalesce(m.learn, 1) != 0"
-                " and (m.correction is not null or m.rating = 1) order by m.id")
+                " and (m.correction is not null or m.rating = 1)" + private + " order by m.id")
             return [TaughtReply(r["id"], r["question"] or "", r["content"], r["rating"],
                                 r["correction"]) for r in rows]
 
@@ -354,6 +361,39 @@ class Store:
         with self._write():
             self.db.execute("delete from adapter_history where id ="
                             " (select max(id) from adapter_history)")
+
+    # Federation
+
+    def add_federation_round(self, *, federation: str, run_id: str | None, round_number: int | None,
+                             rank: int | None, examples: int, bytes_sent: int,
+                             noise_multiplier: float | None, clip_norm: float | None,
+                             outcome: str, reason: str = "",
+                             epsilon: float | None = None) -> int:
+        with self._write():
+            table = self.db["federation_rounds"].insert({
+                "created_at": now_iso(), "federation": federation, "run_id": run_id,
+                "round": round_number, "rank": rank, "examples": examples, "bytes_sent": bytes_sent,
+                "noise_multiplier": noise_multiplier, "clip_norm": clip_norm,
+                "epsilon": epsilon, "outcome": outcome, "reason": reason})
+        return int(table.last_pk)
+
+    def federation_rounds(self) -> list[dict[str, Any]]:
+        with self._guard():
+            return list(self.db.query("select * from federation_rounds order by id"))
+
+    def add_shared_adapter(self, *, federation: str, run_id: str | None, round_number: int | None,
+                           path: str, sha256: str, size: int, rank: int,
+                           base_model: str) -> int:
+        with self._write():
+            table = self.db["shared_adapters"].insert({
+                "created_at": now_iso(), "federation": federation, "run_id": run_id,
+                "round": round_number, "path": path, "sha256": sha256, "size": size, "rank": rank,
+                "base_model": base_model})
+        return int(table.last_pk)
+
+    def shared_adapters(self) -> list[dict[str, Any]]:
+        with self._guard():
+            return list(self.db.query("select * from shared_adapters order by id"))
 
     # Privacy ledger
 

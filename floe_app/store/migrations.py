@@ -98,11 +98,57 @@ def m004_learning(db: Database) -> None:
                                  not_null={"activated_at"})
 
 
+def m005_federation(db: Database) -> None:
+    # 1: never shared with a federation (personal learning still uses it).
+    db["conversations"].add_column("private", int)
+    # Every round this device took part in (or declined), with what it cost in privacy.
+    db["federation_rounds"].create(
+        {
+            "id": int,
+            "created_at": str,
+            "federation": str,
+            "run_id": str,  # Flower run ids are unsigned 64-bit: beyond SQLite integers
+            "round": int,
+            "rank": int,
+            "examples": int,
+            "bytes_sent": int,
+            "noise_multiplier": float,
+            "clip_norm": float,
+            # spent by this device after this upload, at federation.delta
+            "epsilon": float,
+            # uploaded | declined | refused (the shared adapter failed our checks)
+            "outcome": str,
+            "reason": str,
+        },
+        pk="id",
+        not_null={"created_at", "federation", "outcome"},
+    )
+    # Shared adapters received from a federation, at this device's rank; the chat composes
+    # the newest accepted one with the personal adapter.
+    db["shared_adapters"].create(
+        {
+            "id": int,
+            "created_at": str,
+            "federation": str,
+            "run_id": str,  # Flower run ids are unsigned 64-bit: beyond SQLite integers
+            "round": int,
+            "path": str,
+            "sha256": str,
+            "size": int,
+            "rank": int,
+            "base_model": str,
+        },
+        pk="id",
+        not_null={"created_at", "path", "sha256", "size"},
+    )
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_conversations_and_messages", m001_conversations_and_messages),
     ("002_modes_and_privacy_ledger", m002_modes_and_privacy_ledger),
     ("003_memories", m003_memories),
     ("004_learning", m004_learning),
+    ("005_federation", m005_federation),
 ]
 
 

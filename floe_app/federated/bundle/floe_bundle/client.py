@@ -1,0 +1,3 @@
+from floe_app.federated import client_app
+
+app = client_app.app

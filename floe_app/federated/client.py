@@ -1,0 +1,254 @@
+"""A device's part in a federated round, without Flower (client_app.py wraps it).
+
+Before anything is trained or sent: the user has opted in, is not chatting, the machine is
+on power and not training its personal adapter, the privacy budget allows one more upload,
+there is something shareable to learn from, and the shared adapter from the server passes
+our checks. Then: train the first `rank` columns of B (A frozen, see rounds.py) on what
+the user lets the federation learn from (accepted replies and corrections, never memory
+notes or private conversations), clip and noise the change, record it in the ledger, and
+hand it over. Opting out between training and sending still stops the upload.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from floe_app.config import Config, load_config
+from floe_app.engine.local import LocalEngine, base_identity
+from floe_app.errors import FloeError
+from floe_app.federated import dp, rounds, validate
+from floe_app.paths import Paths
+from floe_app.personalize.data import build_dataset
+from floe_app.personalize.status import someone_replying, training_lock
+from floe_app.personalize.tiers import choose_tier, probe
+from floe_app.store.db import Store, TaughtReply
+
+ANCHOR_WEIGHT = 5.0  # as personal training: the shared adapter must not bend general text
+
+
+class Declined(FloeError):
+    """This device does not take part in this round (the reason is shown and recorded)."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server asks for a round (its config record), checked before use."""
+
+    federation: str
+    run_id: int
+    round: int
+    rank: int  # the federation's rank: every payload is padded to it
+    clip_norm: float
+    noise_multiplier: float
+    steps: int
+    learning_rate: float
+    base_model: str
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], federation: str, run_id: int) -> RoundPlan:
+        try:
+            plan = cls(federation, int(run_id), int(record["round"]), int(record["rank"]),
+                       float(record["clip-norm"]), float(record["noise-multiplier"]),
+                       int(record["steps"]), float(record["learning-rate"]),
+                       str(record["base-model"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Declined(f"malformed round instructions ({exc!r})") from None
+        if not (1 <= plan.rank <= 256 and plan.clip_norm > 0 and plan.noise_multiplier >= 0
+                and 0 <= plan.steps <= 1000 and 0 < plan.learning_rate < 1
+                and math.isfinite(plan.clip_norm) and math.isfinite(plan.noise_multiplier)):
+            raise Declined(f"round instructions out of range: {plan}")
+        return plan
+
+
+@dataclass
+class Upload:
+    delta: dict[str, np.ndarray]  # module -> change to B, clipped, noised, padded to plan.rank
+    rank: int
+    examples: int
+    epsilon: float  # spent by this device after this upload, at config.federation.delta
+    noise_multiplier: float
+
+
+@dataclass(frozen=True)
+class LocalBase:
+    path: Path
+    metadata: dict[str, str]
+
+    @property
+    def identity(self) -> str:
+        return base_identity(self.metadata)
+
+    @classmethod
+    def read(cls, model_path: Path) -> LocalBase:
+        engine = LocalEngine.load(model_path, threads=1, context_tokens=256)
+        try:
+            return cls(model_path, dict(engine.metadata))
+        finally:
+            engine.close()
+
+
+def shareable(config: Config, replies: list[TaughtReply]) -> list[TaughtReply]:
+    """The replies the user lets the federation learn from (settings federation.share_*)."""
+    return [r for r in replies
+            if (r.correction is not None and config.federation.share_corrections)
+            or (r.correction is None and r.rating == 1 and config.federation.share_replies)]
+
+
+def spent_multipliers(store: Store) -> list[float]:
+    return [float(r["noise_multiplier"] or 0.0) for r in store.federation_rounds()
+            if r["outcome"] == "uploaded"]
+
+
+def check_shared(shared_arrays: dict[str, np.ndarray], plan: RoundPlan,
+                 base: LocalBase) -> rounds.Shared:
+    """The server's shared adapter as factors, or Declined naming what is wrong with it."""
+    problem = validate.base_problem(plan.base_model, base.identity)
+    if problem is None:
+        expected = {}
+        for module, (out, width) in rounds.model_shapes(base.metadata).items():
+            expected[f"{module}.B"] = (out, plan.rank)
+            expected[f"{module}.A"] = (plan.rank, width)
+        problem = validate.arrays_problem(shared_arrays, expected)
+    if problem is not None:
+        raise Declined(f"refused the shared adapter: {problem}")
+    return {m: (shared_arrays[f"{m}.B"], shared_arrays[f"{m}.A"])
+            for m in rounds.model_shapes(base.metadata)}
+
+
+def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: RoundPlan,
+                   rank: int, base: LocalBase) -> Path | None:
+    """Keep the shared adapter at this device's rank for the chat (None while it is zero)."""
+    from floe_app.personalize.export import peft_state, write_gguf_adapter
+    from floe_app.personalize.registry import sha256_of
+    from floe_app.personalize.trainer import base_model_of
+
+    start = rounds.device_start(shared, rank)
+    if not any(b.any() for b, _ in start.values()):
+        return None
+    folder = paths.data_dir / "shared"
+    staged = write_gguf_adapter(folder / "incoming.gguf", peft_state(start), alpha=rank,
+                                base=base_model_of(base.metadata))
+    digest = sha256_of(staged)
+    target = folder / f"shared-{digest[:16]}.gguf"
+    staged.replace(target)
+    if not any(row["sha256"] == digest for row in store.shared_adapters()):
+        store.add_shared_adapter(federation=plan.federation, run_id=str(plan.run_id),
+                                 round_number=plan.round, path=str(target), sha256=digest,
+                                 size=target.stat().st_size, rank=rank,
+                                 base_model=base.identity)
+    return target
+
+
+def take_part(paths: Paths, model_path: Path, plan: RoundPlan,
+              shared_arrays: dict[str, np.ndarray], node_rank: int) -> Upload:
+    """One round on this device. Raises Declined (recorded) when it does not take part."""
+    store = Store(paths.database)
+    try:
+        return _take_part(paths, store, model_path, plan, shared_arrays, node_rank)
+    except Declined as exc:
+        store.add_federation_round(
+            federation=plan.federation, run_id=str(plan.run_id), round_number=plan.round,
+            rank=node_rank, examples=0, bytes_sent=0, noise_multiplier=None, clip_norm=None,
+            outcome="refused" if "refused" in str(exc) else "declined", reason=str(exc))
+        raise
+    finally:
+        store.close()
+
+
+def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
+               shared_arrays: dict[str, np.ndarray], node_rank: int) -> Upload:
+    config = _opted_in(paths)
+    if probe().on_battery:
+        raise Declined("on battery: rounds run only on power")
+    if someone_replying(paths.data_dir):
+        raise Declined("the user is chatting")
+    base = LocalBase.read(model_path)
+    shared = check_shared(shared_arrays, plan, base)
+    rank = min(node_rank, plan.rank)
+    install_shared(paths, store, shared, plan, rank, base)
+    noise = max(plan.noise_multiplier, config.federation.min_noise_multiplier)
+    spent = spent_multipliers(store)
+    after = dp.epsilon([*spent, noise], config.federation.delta)
+    if after > config.federation.max_epsilon:
+        raise Declined(f"privacy budget: one more upload would spend epsilon {after:.2f},"
+                       f" over federation.max_epsilon = {config.federation.max_epsilon:g}")
+    dataset = build_dataset([], shareable(config, store.taught_replies(shareable=True)))
+    if not dataset.examples:
+        raise Declined("nothing shareable to learn from (thumbs-up replies or corrections"
+                       " outside private conversations)")
+    try:
+        with training_lock(paths.data_dir):
+            delta = _train(paths, model_path, plan, shared, rank, dataset)
+    except FloeError as exc:
+        if isinstance(exc, Declined):
+            raise
+        raise Declined(f"busy: {exc}") from None
+    padded = {m: dp.pad_columns(d, plan.rank) for m, d in delta.items()}
+    noised, _ = dp.privatize(padded, plan.clip_norm, noise,
+                             np.random.default_rng(secrets.randbits(128)))
+    _opted_in(paths)  # opting out while this round trained stops the upload
+    upload = Upload({m: a.astype(np.float32) for m, a in noised.items()}, rank,
+                    len(dataset.examples), after, noise)
+    record_upload(store, plan, upload)
+    return upload
+
+
+def _opted_in(paths: Paths) -> Config:
+    config, _ = load_config(paths)
+    if not config.federation.enabled:
+        raise Declined("not opted in (federation.enabled = false): nothing is uploaded")
+    return config
+
+
+def record_upload(store: Store, plan: RoundPlan, upload: Upload) -> None:
+    """The ledger row and the round's row, written before the upload leaves."""
+    floats = sum(a.size for a in upload.delta.values())
+    size = sum(a.nbytes for a in upload.delta.values())
+    store.add_federation_round(
+        federation=plan.federation, run_id=str(plan.run_id), round_number=plan.round,
+        rank=upload.rank, examples=upload.examples, bytes_sent=size,
+        noise_multiplier=upload.noise_multiplier, clip_norm=plan.clip_norm, outcome="uploaded",
+        epsilon=upload.epsilon)
+    ledger = store.record_request(
+        endpoint=plan.federation, model=f"federated run {plan.run_id} round {plan.round}",
+        purpose="federated",
+        text_sent=(f"no text: {len(upload.delta)} noised LoRA B-factor changes ({floats:,}"
+                   f" floats, rank {upload.rank} padded to {plan.rank}, clipped to"
+                   f" {plan.clip_norm:g}, noise x{upload.noise_multiplier:g}), the example"
+                   f" count {upload.examples}; epsilon now {upload.epsilon:.2f}"),
+        bytes_sent=size)
+    store.finish_request(ledger, bytes_received=0, outcome="sent")
+
+
+def _train(paths: Paths, model_path: Path, plan: RoundPlan, shared: rounds.Shared, rank: int,
+           dataset: Any) -> dict[str, np.ndarray]:
+    """The change this device makes to B in `plan.steps` steps (A frozen)."""
+    from floe_app.personalize.export import peft_factors
+    from floe_app.personalize.job import bundled_text
+    from floe_app.personalize.trainer import TrainConfig, load_base, train_lora
+
+    tier, _ = choose_tier(probe(), load_config(paths)[0].learning.tier)
+    model, tokenizer = load_base(model_path, paths.cache_dir)
+    start = rounds.device_start(shared, rank)
+    config = TrainConfig(rank=rank, alpha=float(rank), targets=rounds.ATTENTION,
+                         steps=plan.steps, batch=tier.batch, learning_rate=plan.learning_rate,
+                         max_tokens=tier.max_tokens, threads=tier.threads, seed=plan.round,
+                         anchor_weight=ANCHOR_WEIGHT, train_a=False)
+
+    def wait_for_the_user() -> None:
+        while someone_replying(paths.data_dir):
+            time.sleep(0.2)
+
+    pairs = [([{"role": "user", "content": e.prompt}], e.answer) for e in dataset.examples]
+    result = train_lora(model, tokenizer, pairs, config, before_step=wait_for_the_user,
+                        anchor_text=bundled_text("anchor_text.txt"), init=start)
+    trained = peft_factors(result.state)
+    return {m: trained[m][0] - start[m][0] for m in start}

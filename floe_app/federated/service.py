@@ -1,0 +1,306 @@
+"""Flower's processes for Floe: the SuperNode behind `floe sync`, the SuperLink and the run
+behind `floe federation serve`. No flwr import here: they are programs of their own.
+
+Every Flower process gets its own FLWR_HOME, telemetry and update checks off, and the
+SuperLink never installs packages at run time (see ../shared/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from floe_app.config import Config
+from floe_app.errors import FloeError
+from floe_app.paths import Paths
+from floe_app.store.db import pid_alive
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
+                FLWR_DISABLE_UPDATE_CHECK="1")
+
+
+def flower_program(name: str) -> str:
+    """A Flower executable from Floe's own environment (pipx keeps it there)."""
+    local = Path(sys.executable).with_name(name)
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise FloeError(f"federated rounds need Flower ({name} not found): pipx install"
+                        " 'floe-assistant[federated]'")
+    return found
+
+
+def bundle_dir() -> Path:
+    """The Flower app bundle shipped with this Floe (floe_app/federated/bundle)."""
+    return Path(str(resources.files("floe_app.federated").joinpath("bundle")))
+
+
+def is_loopback(address: str) -> bool:
+    return address.rsplit(":", 1)[0] in LOOPBACK
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FloeError(f"the Flower process exited (code {process.returncode})")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise FloeError(f"nothing answers on {host}:{port} after {timeout:.0f} s")
+
+
+# The device side: floe sync
+
+@dataclass
+class SyncState:
+    pid: int
+    address: str
+    rank: int
+    port: int
+    started_at: float
+
+
+def _sync_file(paths: Paths) -> Path:
+    return paths.data_dir / "sync.json"
+
+
+def supernode_command(paths: Paths, config: Config, rank: int, port: int) -> list[str]:
+    """The SuperNode for this device; refuses what would expose the user's updates."""
+    federation = config.federation
+    if not federation.enabled:
+        raise FloeError("federated rounds are off: opt in first (settings F2,"
+                        " federation.enabled = true)")
+    if not federation.address:
+        raise FloeError("no federation address: set federation.address (host:port from"
+                        " the federation's operator)")
+    command = [flower_program("flower-supernode"), "--superlink", federation.address,
+               "--port", str(port), "--node-config",
+               f'floe-home="{os.environ.get("FLOE_HOME", "")}" rank={rank}'
+               f' federation="{federation.address}"']
+    if federation.root_certificates:
+        command += ["--root-certificates", str(Path(federation.root_certificates).expanduser())]
+    elif is_loopback(federation.address):
+        command += ["--insecure"]
+    else:
+        raise FloeError(f"{federation.address} is not on this machine: set"
+                        " federation.root_certificates (the federation's TLS certificate)")
+    if federation.node_key:
+        command += ["--auth-supernode-private-key",
+                    str(Path(federation.node_key).expanduser())]
+    return command
+
+
+def sync_state(paths: Paths) -> SyncState | None:
+    """The running sync service, or None (a stale record of a dead one is removed)."""
+    try:
+        state = SyncState(**json.loads(_sync_file(paths).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not pid_alive(state.pid):
+        _sync_file(paths).unlink(missing_ok=True)
+        return None
+    return state
+
+
+def start_sync(paths: Paths, config: Config, rank: int) -> SyncState:
+    """Start the SuperNode in the background, in its own session: it outlives the chat."""
+    running = sync_state(paths)
+    if running is not None:
+        raise FloeError(f"sync is already running (pid {running.pid}, {running.address})")
+    port = free_port()
+    command = supernode_command(paths, config, rank, port)
+    log = open(paths.data_dir / "sync.log", "ab")  # noqa: SIM115 (the child keeps it)
+    process = subprocess.Popen(command, env=flower_env(paths.data_dir / "flwr"),
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                               start_new_session=True)
+    log.close()
+    state = SyncState(process.pid, config.federation.address, rank, port, time.time())
+    _sync_file(paths).write_text(json.dumps(asdict(state)))
+    try:
+        wait_for_port("127.0.0.1", port, 30, process)
+    except FloeError as exc:
+        _sync_file(paths).unlink(missing_ok=True)
+        raise FloeError(f"sync did not start: {exc}; see {paths.data_dir / 'sync.log'}") from None
+    return state
+
+
+def stop_sync(paths: Paths, timeout: float = 10.0) -> bool:
+    """Stop the SuperNode (and the ClientApp it runs): no more uploads. False if none ran."""
+    state = sync_state(paths)
+    if state is None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(state.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(state.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(state.pid):
+        os.killpg(state.pid, signal.SIGKILL)
+    _sync_file(paths).unlink(missing_ok=True)
+    return True
+
+
+# The operator side: floe federation serve
+
+@dataclass
+class ServeOptions:
+    state_dir: Path
+    run_config: dict[str, object]  # [tool.flwr.app.config] overrides (rounds, rank, ...)
+    host: str = "127.0.0.1"
+    port: int = 9092
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_ca_certfile: str = ""
+    supernode_auth: bool = False
+    keep: bool = False  # keep the SuperLink up after the run ends
+
+
+def superlink_command(options: ServeOptions) -> list[str]:
+    command = [flower_program("flower-superlink"), "--host", options.host, "--port",
+               str(options.port), "--database", str(options.state_dir / "superlink.db"),
+               "--disable-runtime-dependency-installation"]
+    if options.ssl_certfile:
+        command += ["--ssl-certfile", options.ssl_certfile, "--ssl-keyfile",
+                    options.ssl_keyfile, "--ssl-ca-certfile", options.ssl_ca_certfile]
+    else:
+        command += ["--insecure"]
+    if options.supernode_auth:
+        command += ["--enable-supernode-auth"]
+    return command
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+class Operator:
+    """A SuperLink child process and runs of Floe's bundle on it."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        options.state_dir.mkdir(parents=True, exist_ok=True)
+        self.control_home = options.state_dir / "flwr-control"
+        self.link: subprocess.Popen | None = None
+
+    def start_link(self) -> None:
+        log = open(self.options.state_dir / "superlink.log", "ab")  # noqa: SIM115
+        self.link = subprocess.Popen(superlink_command(self.options),
+                                     env=flower_env(self.options.state_dir / "flwr"),
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True)
+        log.close()
+        connect = "127.0.0.1" if self.options.host in ("0.0.0.0", "::") else self.options.host
+        wait_for_port(connect, self.options.port, 60, self.link)
+        entry = {"address": f"{connect}:{self.options.port}"}
+        if self.options.ssl_certfile:
+            entry["root-certificates"] = self.options.ssl_ca_certfile
+        else:
+            entry["insecure"] = True
+        lines = ["[superlink]", 'default = "floe"', "", "[superlink.floe]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
+        self.control_home.mkdir(parents=True, exist_ok=True)
+        (self.control_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def stop_link(self) -> None:
+        if self.link is not None and self.link.poll() is None:
+            os.killpg(self.link.pid, signal.SIGTERM)
+            try:
+                self.link.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.link.pid, signal.SIGKILL)
+                self.link.wait()
+
+    def _flwr(self, *args: str) -> dict:
+        result = subprocess.run([flower_program("flwr"), *args, "--format", "json"],
+                                env=flower_env(self.control_home), capture_output=True,
+                                text=True, timeout=120)
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            raise FloeError(f"flwr {args[0]} failed: {(result.stderr or result.stdout)[-300:]}"
+                            ) from None
+
+    def submit(self) -> str:
+        config = dict(self.options.run_config, **{"state-dir": str(self.options.state_dir)})
+        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+        reply = self._flwr("run", str(bundle_dir()), "floe", "--run-config", overrides)
+        if not reply.get("success"):
+            raise FloeError(f"the SuperLink refused the run: {reply.get('error-message')}")
+        return str(reply["run-id"])
+
+    def run_status(self, run_id: str) -> tuple[str, str]:
+        """("pending" | "running" | "finished:completed" | "finished:failed" ..., details)."""
+        reply = self._flwr("ls", "floe", "--run-id", run_id)
+        if not reply.get("success"):
+            raise FloeError(f"cannot read run {run_id}: {reply.get('error-message')}")
+        run = reply["runs"][0]
+        return run["status"], run.get("status-details", "")
+
+    def follow(self, run_id: str, echo: object, poll_s: float = 1.0) -> str:
+        """Print the round log as it grows until the run ends; returns its final status.
+
+        `flwr run` reports success even when the ServerApp fails, so the run's status is
+        read back from the SuperLink."""
+        log = self.options.state_dir / "rounds.jsonl"
+        seen = log.stat().st_size if log.exists() else 0
+        while True:
+            if log.exists() and log.stat().st_size > seen:
+                with open(log, encoding="utf-8") as fh:
+                    fh.seek(seen)
+                    for line in fh:
+                        echo(describe(json.loads(line)))  # type: ignore[operator]
+                    seen = fh.tell()
+            if self.link is not None and self.link.poll() is not None:
+                raise FloeError("the SuperLink stopped; start floe federation serve again to"
+                                " carry on from the last completed round")
+            status, details = self.run_status(run_id)
+            if status.startswith("finished"):
+                return status + (f" ({details})" if details and details != "N/A" else "")
+            time.sleep(poll_s)
+
+
+def describe(entry: dict) -> str:
+    """One line of the operator's round log."""
+    if entry.get("event") == "final":
+        refused = f", refused by {len(entry['refused'])}" if entry["refused"] else ""
+        return (f"final shared adapter (round {entry['round']}) sent to {entry['nodes']}"
+                f" nodes, kept by {entry['installed']}{refused}")
+    accepted = entry["accepted"]
+    ranks = ", ".join(str(u["rank"]) for u in accepted.values())
+    parts = [f"round {entry['round']}: {entry['nodes']} nodes, {len(accepted)} updates"
+             f" aggregated" + (f" (ranks {ranks})" if accepted else "")]
+    for node, why in entry["refused"].items():
+        parts.append(f"refused node {node}: {why}")
+    for node, why in entry["declined"].items():
+        parts.append(f"node {node} declined: {why}")
+    energy = entry.get("energy_kept")
+    parts.append(f"{entry['seconds']} s" + (f", rank cut kept {energy:.1%}" if energy else "")
+                 + f", {entry['version']}")
+    return "; ".join(parts)

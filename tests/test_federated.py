@@ -1,0 +1,297 @@
+"""The device side of federated rounds and the shared adapter in the chat (fast tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from floe_app.config import write_config
+from floe_app.engine.local import bundled_model_path
+from floe_app.engine.sampling import Sampling
+from floe_app.errors import FloeError
+from floe_app.federated import client, rounds, service
+from floe_app.personalize.export import (
+    compose,
+    peft_factors,
+    peft_state,
+    read_gguf_adapter,
+    write_gguf_adapter,
+)
+from floe_app.personalize.trainer import base_model_of
+from floe_app.store.db import Store
+
+PLAN = {"round": 2, "rank": 8, "clip-norm": 1.0, "noise-multiplier": 1.0, "steps": 5,
+        "learning-rate": 0.002}
+
+
+def plan_for(engine, **changes):
+    record = {**PLAN, "base-model": engine.base_identity, **changes}
+    return client.RoundPlan.from_record(record, "127.0.0.1:9092", 7)
+
+
+def base_of(engine) -> client.LocalBase:
+    return client.LocalBase(Path("model.gguf"), dict(engine.metadata))
+
+
+def shared_arrays(engine, rank=8, seed=0, scale=0.0):
+    shared = rounds.initial(rounds.model_shapes(engine.metadata), rank, seed)
+    rng = np.random.default_rng(seed)
+    return {f"{m}.{f}": (x if f == "A" else (x + scale * rng.standard_normal(x.shape)
+                                              ).astype(np.float32))
+            for m, (b, a) in shared.items() for f, x in (("B", b), ("A", a))}
+
+
+def opt_in(paths, config, **changes):
+    config.federation.enabled = True
+    config.federation.address = "127.0.0.1:9092"
+    for key, value in changes.items():
+        setattr(config.federation, key, value)
+    write_config(paths, config)
+
+
+def teach(store: Store, private: bool = False) -> None:
+    conversation = store.create_conversation("glossary")
+    if private:
+        store.set_conversation_private(conversation, True)
+    store.add_message(conversation, "user", "What is a flarn?")
+    reply = store.add_message(conversation, "assistant", "I don't know.")
+    store.correct_message(reply, "A flarn is a blue gear in an ice mill.")
+    store.add_message(conversation, "user", "And a zib?")
+    good = store.add_message(conversation, "assistant", "A zib is a small spring.")
+    store.rate_message(good, 1)
+
+
+# Round instructions and what the device checks
+
+
+@pytest.mark.parametrize("record", [
+    {}, dict(PLAN, rank="many"), dict(PLAN, **{"clip-norm": -1.0}),
+    dict(PLAN, **{"noise-multiplier": float("nan")}), dict(PLAN, steps=10**6)])
+def test_malformed_round_instructions_are_declined(record):
+    record = dict(record)
+    if record:
+        record["base-model"] = "x"
+    with pytest.raises(client.Declined, match=r"malformed|out of range"):
+        client.RoundPlan.from_record(record, "fed", 1)
+
+
+def test_a_shared_adapter_is_checked_before_use(engine):
+    base, plan = base_of(engine), plan_for(engine)
+    good = shared_arrays(engine)
+    assert set(client.check_shared(good, plan, base)) == set(
+        rounds.model_shapes(engine.metadata))
+    nan = dict(good)
+    nan["layers.3.self_attn.k_proj.B"] = np.full_like(good["layers.3.self_attn.k_proj.B"],
+                                                      np.nan)
+    with pytest.raises(client.Declined, match="NaN or infinite"):
+        client.check_shared(nan, plan, base)
+    with pytest.raises(client.Declined, match="wrong shape"):
+        client.check_shared(shared_arrays(engine, rank=4), plan, base)
+    with pytest.raises(client.Declined, match="another base model"):
+        client.check_shared(good, plan_for(engine, **{"base-model": "gemma|gemma3|18"}), base)
+
+
+def test_only_what_the_user_shares_is_learned_from(store, config):
+    teach(store)
+    teach(store, private=True)  # the same lessons in a private conversation: never shared
+    store.add_memory("My dog is called Rex.")
+    shared = client.shareable(config, store.taught_replies(shareable=True))
+    assert sorted(r.correction or r.reply for r in shared) == [
+        "A flarn is a blue gear in an ice mill.", "A zib is a small spring."]
+    assert len(store.taught_replies()) == 4  # personal learning still uses all of them
+    config.federation.share_corrections = False
+    assert [r.reply for r in client.shareable(config, store.taught_replies(shareable=True))
+            ] == ["A zib is a small spring."]
+    config.federation.share_replies = False
+    assert client.shareable(config, store.taught_replies(shareable=True)) == []
+
+
+def test_opted_out_device_uploads_nothing_and_says_why(paths, config, store, engine):
+    teach(store)
+    write_config(paths, config)  # federation.enabled defaults to false
+    with pytest.raises(client.Declined, match="not opted in"):
+        client.take_part(paths, Path("unused.gguf"), plan_for(engine), shared_arrays(engine), 4)
+    [row] = store.federation_rounds()
+    assert row["outcome"] == "declined" and "not opted in" in row["reason"]
+    assert store.ledger() == []
+
+
+def test_the_privacy_budget_stops_uploads(paths, config, store, engine):
+    teach(store)
+    opt_in(paths, config, max_epsilon=8.0)
+    for _ in range(2):  # two earlier uploads at z = 1: epsilon 7.1 at delta 1e-5
+        store.add_federation_round(federation="f", run_id="1", round_number=1, rank=4,
+                                   examples=2, bytes_sent=10, noise_multiplier=1.0,
+                                   clip_norm=1.0, outcome="uploaded")
+    with pytest.raises(client.Declined, match=r"privacy budget: .* epsilon 9\.\d\d"):
+        client.take_part(paths, bundled_model_path(), plan_for(engine), shared_arrays(engine), 4)
+    assert store.ledger() == []
+
+
+def test_a_user_minimum_raises_the_servers_noise(paths, config, store, engine):
+    """No training needed to see it: the budget check uses the larger multiplier."""
+    teach(store)
+    opt_in(paths, config, min_noise_multiplier=50.0, max_epsilon=0.05)
+    with pytest.raises(client.Declined, match=r"epsilon 0\.\d\d"):
+        client.take_part(paths, bundled_model_path(), plan_for(engine), shared_arrays(engine), 4)
+
+
+def test_nothing_shareable_is_declined(paths, config, store, engine):
+    store.add_memory("My dog is called Rex.")  # memory notes are never shared
+    opt_in(paths, config)
+    with pytest.raises(client.Declined, match="nothing shareable"):
+        client.take_part(paths, bundled_model_path(), plan_for(engine), shared_arrays(engine), 4)
+
+
+def test_an_upload_is_recorded_in_the_ledger_before_it_leaves(store, engine):
+    upload = client.Upload({"layers.0.self_attn.q_proj": np.zeros((576, 8), np.float32)},
+                           rank=4, examples=3, epsilon=4.73, noise_multiplier=1.0)
+    client.record_upload(store, plan_for(engine), upload)
+    [entry] = store.ledger()
+    assert entry.purpose == "federated" and entry.bytes_sent == 576 * 8 * 4
+    assert entry.text_sent.startswith("no text:") and "epsilon now 4.73" in entry.text_sent
+    [row] = store.federation_rounds()
+    assert (row["outcome"], row["epsilon"], row["rank"]) == ("uploaded", 4.73, 4)
+
+
+# The shared adapter in the chat: composed with the personal one
+
+
+def factors_adapter(path, engine, factors, alpha):
+    return write_gguf_adapter(path, peft_state(factors), alpha=alpha,
+                              base=base_model_of(engine.metadata))
+
+
+def small_factors(seed, rank=2, scale=0.05, sign=1.0):
+    rng = np.random.default_rng(seed)
+    return {f"layers.{i}.self_attn.{m}": (sign * rng.normal(0, scale, (rows, rank)),
+                                          rng.normal(0, scale, (rank, 576)))
+            for i in (0, 5) for m, rows in (("q_proj", 576), ("v_proj", 192))}
+
+
+def next_token_logits(engine, prompt="The capital of France is"):
+    return np.array(engine.next_token_logprobs(
+        engine.chat_tokens([{"role": "user", "content": prompt}])))
+
+
+def test_composition_is_exact_in_llama_cpp(engine, tmp_path):
+    """An adapter stacked with its own negation leaves the base model exactly."""
+    base = next_token_logits(engine)
+    mine = factors_adapter(tmp_path / "p.gguf", engine, small_factors(1), alpha=4.0)
+    # The negation at another alpha: scales must be folded right for the two to cancel.
+    negated = {m: (-b * 2.0, a) for m, (b, a) in small_factors(1).items()}
+    other = factors_adapter(tmp_path / "n.gguf", engine, negated, alpha=2.0)
+    both = compose([read_gguf_adapter(mine), read_gguf_adapter(other)])
+    assert both["blk.0.attn_q.weight.lora_b"].shape == (576, 4)
+    from floe_app.personalize.export import BaseModel, write_gguf_tensors
+
+    info = base_model_of(engine.metadata)
+    path = write_gguf_tensors(tmp_path / "c.gguf", both, alpha=0.0,
+                              base=BaseModel(info.identity, info.arch, 0, 0))
+    try:
+        engine.set_adapter(mine)
+        alone = next_token_logits(engine)
+        engine.set_adapter(path)
+        cancelled = next_token_logits(engine)
+    finally:
+        engine.set_adapter(None)
+    assert np.abs(alone - base).max() > 0.05  # the adapter does something...
+    assert np.abs(cancelled - base).max() < 1e-3  # ...and its negation undoes it exactly
+
+
+def test_peft_factors_round_trip():
+    factors = small_factors(3)
+    back = peft_factors(peft_state(factors))
+    assert back.keys() == factors.keys()
+    for module, (b, a) in factors.items():
+        np.testing.assert_allclose(back[module][0], b, rtol=1e-6)
+        np.testing.assert_allclose(back[module][1], a, rtol=1e-6)
+
+
+def install(session, engine, tmp_path, seed=4):
+    shared = rounds.initial(rounds.model_shapes(engine.metadata), 8, seed)
+    rng = np.random.default_rng(seed)
+    shared = {m: ((0.05 * rng.standard_normal(b.shape)).astype(np.float32), a)
+              for m, (b, a) in shared.items()}
+    plan = plan_for(engine)
+    return client.install_shared(session.paths, session.store, shared, plan, 4,
+                                  base_of(engine))
+
+
+def test_the_chat_composes_personal_and_shared_adapters(session, engine, tmp_path):
+    from tests.test_learning import register
+
+    try:
+        assert session.sync_adapter(engine) == []  # the first sync is silent
+        shared_path = install(session, engine, tmp_path)
+        assert session.sync_adapter(engine) == ["Now using the shared adapter (round 2)."]
+        assert engine.adapter_path == shared_path
+        v1 = register(session.registry, engine, tmp_path, 1)
+        assert session.sync_adapter(engine) == [
+            f"Now using adapter v{v1.version} with the shared adapter (round 2)."]
+        composed = engine.adapter_path
+        assert composed.name.startswith("composed-") and composed.parent == Path(v1.path).parent
+        tensors = read_gguf_adapter(composed).tensors
+        assert tensors["blk.0.attn_q.weight.lora_b"].shape == (576, 2 + 4)  # ranks stacked
+        assert tensors["blk.7.attn_k.weight.lora_b"].shape == (192, 4)  # shared only here
+        reply = "".join(s.text for s in engine.generate(
+            engine.chat_tokens([{"role": "user", "content": "Hi"}]),
+            Sampling(temperature=0, max_tokens=4)))
+        assert reply
+    finally:
+        engine.set_adapter(None)
+
+
+def test_a_damaged_shared_adapter_is_left_out_with_a_notice(session, engine, tmp_path):
+    from tests.test_learning import register
+
+    try:
+        v1 = register(session.registry, engine, tmp_path, 1)
+        shared_path = install(session, engine, tmp_path)
+        data = bytearray(shared_path.read_bytes())
+        data[-50] ^= 0xFF
+        shared_path.write_bytes(data)
+        notices = session.sync_adapter(engine)
+        assert str(engine.adapter_path) == v1.path  # the personal adapter alone
+        assert notices == ["The shared adapter cannot be used: its file is corrupt"
+                           " (checksum mismatch)."]
+        assert session.sync_adapter(engine) == []  # said once, not at every reply
+    finally:
+        engine.set_adapter(None)
+
+
+# The sync service's command line
+
+
+def test_sync_refuses_what_would_expose_updates(paths, config):
+    with pytest.raises(FloeError, match="opt in first"):
+        service.supernode_command(paths, config, 4, 9999)
+    config.federation.enabled = True
+    with pytest.raises(FloeError, match="no federation address"):
+        service.supernode_command(paths, config, 4, 9999)
+    config.federation.address = "federation.example.org:9092"
+    with pytest.raises(FloeError, match="TLS certificate"):
+        service.supernode_command(paths, config, 4, 9999)
+    config.federation.root_certificates = "~/ca.pem"
+    config.federation.node_key = "~/node.key"
+    command = service.supernode_command(paths, config, 8, 9999)
+    assert "--insecure" not in command
+    assert command[command.index("--root-certificates") + 1].endswith("/ca.pem")
+    assert "--auth-supernode-private-key" in command
+    assert "rank=8" in command[command.index("--node-config") + 1]
+    config.federation.address, config.federation.root_certificates = "127.0.0.1:9092", ""
+    assert "--insecure" in service.supernode_command(paths, config, 4, 9999)
+
+
+def test_sync_status_when_nothing_ran(paths, capsys):
+    from floe_app.cli import main
+
+    assert main(["sync", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "not running" in out and "epsilon 0.00" in out
+    assert main(["sync", "stop"]) == 0
+    assert "not running" in capsys.readouterr().out
+    assert main(["sync", "start"]) == 1
+    assert "opt in first" in capsys.readouterr().err
