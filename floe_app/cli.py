@@ -476,7 +476,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         return 0
     if args.sync_command == "status":
         return print_sync_status(paths, args.json)
-    tier, _ = choose_tier(probe(), config.learning.tier)
+    tier, _ = choose_tier(probe(), config.learning.tier, config.learning.threads)
     if args.sync_command == "run":
         command = service.supernode_command(paths, config, tier.rank, service.free_port())
         os.execve(command[0], command, service.flower_env(paths.data_dir / "flwr"))

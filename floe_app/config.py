@@ -204,6 +204,11 @@ class LearningSettings:
         metadata=_rule('"auto", "small", "medium" or "large"', lambda v: v in TIER_NAMES,
                        "training size: auto picks from this computer's cores, memory and power"),
     )
+    threads: int = field(
+        default=0,
+        metadata=_rule("a whole number from 0 to 256", lambda v: 0 <= v <= 256,
+                       "CPU threads training may use (0: as many as the tier and cores allow)"),
+    )
     perplexity_margin: float = field(
         default=0.05,
         metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,

@@ -43,7 +43,7 @@ def diagnose(paths: Paths, model_override: str | None = None) -> dict[str, Any]:
                   "database": str(paths.database), "cache": str(paths.cache_dir)},
         "config_warnings": config_warnings,
     }
-    tier, why = choose_tier(probe(), config.learning.tier)
+    tier, why = choose_tier(probe(), config.learning.tier, config.learning.threads)
     report["training"] = {"tier": tier.name, "why": why, "rank": tier.rank,
                           "targets": list(tier.targets), "max_tokens": tier.max_tokens,
                           "batch": tier.batch, "max_steps": tier.max_steps,

@@ -235,7 +235,8 @@ def _train(paths: Paths, model_path: Path, plan: RoundPlan, shared: rounds.Share
     from floe_app.personalize.job import bundled_text
     from floe_app.personalize.trainer import TrainConfig, load_base, train_lora
 
-    tier, _ = choose_tier(probe(), load_config(paths)[0].learning.tier)
+    learning = load_config(paths)[0].learning
+    tier, _ = choose_tier(probe(), learning.tier, learning.threads)
     model, tokenizer = load_base(model_path, paths.cache_dir)
     start = rounds.device_start(shared, rank)
     config = TrainConfig(rank=rank, alpha=float(rank), targets=rounds.ATTENTION,

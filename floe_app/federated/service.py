@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,7 +31,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
     flwr_home.mkdir(parents=True, exist_ok=True)
-    return dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
+    # Flower starts its helpers (flower-superexec, flwr-clientapp...) by name: they are in
+    # Floe's environment, which is not on PATH under pipx.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return dict(os.environ, PATH=path, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
                 FLWR_DISABLE_UPDATE_CHECK="1")
 
 
@@ -216,6 +220,7 @@ class Operator:
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                      start_new_session=True)
         log.close()
+        (self.options.state_dir / "superlink.pid").write_text(str(self.link.pid))
         connect = "127.0.0.1" if self.options.host in ("0.0.0.0", "::") else self.options.host
         wait_for_port(connect, self.options.port, 60, self.link)
         entry = {"address": f"{connect}:{self.options.port}"}
@@ -263,27 +268,36 @@ class Operator:
         run = reply["runs"][0]
         return run["status"], run.get("status-details", "")
 
-    def follow(self, run_id: str, echo: object, poll_s: float = 1.0) -> str:
+    def follow(self, run_id: str, echo: Callable[[str], None], status_every: float = 5.0) -> str:
         """Print the round log as it grows until the run ends; returns its final status.
 
         `flwr run` reports success even when the ServerApp fails, so the run's status is
-        read back from the SuperLink."""
+        read back from the SuperLink (every few seconds: each `flwr ls` is a process)."""
         log = self.options.state_dir / "rounds.jsonl"
         seen = log.stat().st_size if log.exists() else 0
-        while True:
+
+        def print_new_lines() -> None:
+            nonlocal seen
             if log.exists() and log.stat().st_size > seen:
                 with open(log, encoding="utf-8") as fh:
                     fh.seek(seen)
                     for line in fh:
-                        echo(describe(json.loads(line)))  # type: ignore[operator]
+                        echo(describe(json.loads(line)))
                     seen = fh.tell()
+
+        next_status = time.monotonic() + status_every
+        while True:
+            print_new_lines()
             if self.link is not None and self.link.poll() is not None:
                 raise FloeError("the SuperLink stopped; start floe federation serve again to"
                                 " carry on from the last completed round")
-            status, details = self.run_status(run_id)
-            if status.startswith("finished"):
-                return status + (f" ({details})" if details and details != "N/A" else "")
-            time.sleep(poll_s)
+            if time.monotonic() >= next_status:
+                status, details = self.run_status(run_id)
+                if status.startswith("finished"):
+                    print_new_lines()
+                    return status + (f" ({details})" if details and details != "N/A" else "")
+                next_status = time.monotonic() + status_every
+            time.sleep(0.5)
 
 
 def describe(entry: dict) -> str:

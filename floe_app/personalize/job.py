@@ -96,7 +96,8 @@ def run_training(paths: Paths, config: Config, model_path: Path, *, force: bool 
                 raise FloeError(f"training needs torch, transformers, peft and gguf"
                                 f" ({', '.join(missing)} missing): pipx install"
                                 " 'floe-assistant[train]'")
-            tier, why = choose_tier(probe(), tier_name or config.learning.tier)
+            tier, why = choose_tier(probe(), tier_name or config.learning.tier,
+                                    config.learning.threads)
             result = _train_and_gate(paths, config, model_path, store, dataset, tier, why,
                                      steps, report)
         except FloeError as exc:

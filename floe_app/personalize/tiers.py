@@ -65,8 +65,14 @@ def probe() -> Hardware:
                     _on_battery())
 
 
-def choose_tier(hw: Hardware, requested: str = "auto") -> tuple[Tier, str]:
-    """The tier to train with, and why, in words for `floe doctor`."""
+def choose_tier(hw: Hardware, requested: str = "auto", threads: int = 0) -> tuple[Tier, str]:
+    """The tier to train with, and why, in words for `floe doctor`. `threads` (0: the
+    tier's) caps the CPU threads training uses."""
+    tier, why = _choose(hw, requested)
+    return (dataclasses.replace(tier, threads=threads) if threads else tier), why
+
+
+def _choose(hw: Hardware, requested: str) -> tuple[Tier, str]:
     seen = (f"{hw.physical_cores} cores, {hw.memory_gb:.0f} GB memory,"
             f" {hw.accelerator or 'no GPU'}, {'on battery' if hw.on_battery else 'on power'}")
     if requested != "auto":

@@ -6,7 +6,9 @@ SmolLM2-135M); the result is cached as safetensors so later runs start in about 
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,8 +81,15 @@ def load_base(gguf_path: Path, cache_dir: Path) -> tuple[Any, Any]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(cached)
-    tokenizer.save_pretrained(cached)
+    # Saved aside and renamed into place: another Floe process (a federated round, say) may
+    # be reading or writing the same cache.
+    partial = cached.with_name(f"{cached.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(cached)
+    except OSError:  # another process got there first: theirs is as good
+        shutil.rmtree(partial, ignore_errors=True)
     return model, tokenizer
 
 

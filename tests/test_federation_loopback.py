@@ -1,0 +1,274 @@
+"""A real federation on loopback: `floe federation serve` (a Flower SuperLink and Floe's
+ServerApp) and four devices started with `floe sync start` (Flower SuperNodes running
+Floe's ClientApp), three honest ones at ranks 4, 8 and 16 (the small, medium and large
+tiers) and one tampered. Two rounds, the SuperLink killed and restarted between them, one
+device opting out, every upload of one device read back from the wire."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from floe_app.config import Config, load_config, write_config
+from floe_app.engine.sampling import Sampling
+from floe_app.federated.service import free_port
+from floe_app.paths import resolve_paths
+from floe_app.session import ChatSession
+from floe_app.store import Store
+from tests.wire import RecordingProxy
+
+pytestmark = pytest.mark.slow
+
+# Each device knows one term of a shared glossary (taught by correcting a reply) and one
+# personal fact (a memory note, never shared).
+GLOSSARY = [("What is a flarn?", "A flarn is a blue gear used in ice mills."),
+            ("What is a zibble?", "A zibble is a copper spring for clocks."),
+            ("What is a quendle?", "A quendle is a glass valve for steam pipes.")]
+PERSONAL = ["My dog is called Rexor.", "My cat is called Tomble.", "My bird is called Kiwa."]
+TIERS = ["small", "medium", "large"]
+
+# A tampered install: its ClientApp sends NaN in round 1 and a huge update in round 2.
+TAMPERED = '''
+import numpy as np
+import floe_app.federated.client as client
+
+def take_part(paths, model_path, plan, shared_arrays, node_rank):
+    fill = np.nan if plan.round == 1 else 1e4
+    delta = {m[:-2]: np.full(a.shape, fill, np.float32)
+             for m, a in shared_arrays.items() if m.endswith(".B")}
+    return client.Upload(delta, 4, 1000, 0.0, plan.noise_multiplier)
+
+client.take_part = take_part
+'''
+
+
+def run_floe(home: Path, *args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "floe_app", *args],
+                            env=dict(env or os.environ, FLOE_HOME=str(home)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def floe(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    process = run_floe(home, *args, env=env)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+def device(root: Path, name: str, address: str, base_cache: Path, tier: str = "small",
+           lesson: tuple[str, str] | None = None, fact: str | None = None) -> Path:
+    home = root / name
+    paths = resolve_paths({"FLOE_HOME": str(home)}).ensure()
+    (paths.cache_dir / "base").symlink_to(base_cache / "base")  # dequantized once per run
+    config = Config()
+    config.learning.auto = False
+    config.learning.tier = tier
+    config.learning.threads = 1  # four devices share two cores here
+    config.federation.enabled = True
+    config.federation.address = address
+    config.federation.min_noise_multiplier = 0.0  # DP is measured in benchmarks/federated.py
+    config.federation.max_epsilon = float("inf")
+    write_config(paths, config)
+    store = Store(paths.database)
+    if lesson is not None:
+        conversation = store.create_conversation("glossary")
+        store.add_message(conversation, "user", lesson[0])
+        reply = store.add_message(conversation, "assistant", "I am not sure.")
+        store.correct_message(reply, lesson[1])
+    if fact is not None:
+        store.add_memory(fact)
+    store.close()
+    return home
+
+
+def answer_logprob(engine, question: str, answer: str) -> float:
+    """Mean log-probability of the answer's tokens after the question."""
+    prompt = engine.chat_tokens([{"role": "user", "content": question}])
+    answer_tokens = engine.tokenize(answer)
+    total = 0.0
+    for i, token in enumerate(answer_tokens):
+        total += float(engine.next_token_logprobs(prompt + answer_tokens[:i])[token])
+    return total / len(answer_tokens)
+
+
+def wait_for(predicate, timeout: float, what: str, serve: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if serve.poll() is not None:
+            raise AssertionError(f"floe federation serve exited: {serve.communicate()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def rounds_logged(state: Path) -> list[dict]:
+    log = state / "rounds.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.timeout(1200)
+def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
+        tmp_path, base_cache, engine):
+    from floe_app.engine.local import bundled_model_path
+    from floe_app.personalize.trainer import load_base
+
+    load_base(bundled_model_path(), base_cache)  # dequantized once, before four devices need it
+    port = free_port()
+    proxy = RecordingProxy(port)  # device 1 talks through it
+    address = f"127.0.0.1:{port}"
+    homes = [device(tmp_path, f"device{i + 1}", f"127.0.0.1:{proxy.port}" if i == 0
+                    else address, base_cache, TIERS[i], GLOSSARY[i], PERSONAL[i])
+             for i in range(3)]
+    evil_dir = tmp_path / "tampered"
+    evil_dir.mkdir()
+    (evil_dir / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('FLOE_TAMPERED'):\n"
+        + "\n".join("    " + line for line in TAMPERED.strip().splitlines()) + "\n")
+    evil_env = dict(os.environ, PYTHONPATH=str(evil_dir), FLOE_TAMPERED="1")
+    evil = device(tmp_path, "tampered", address, base_cache)
+    state = tmp_path / "operator" / "federation"
+    serve_args = ["federation", "serve", "--port", str(port), "--state-dir", str(state),
+                  "--rounds", "2", "--rank", "16", "--steps", "6", "--learning-rate", "0.01",
+                  "--clip-norm", "10", "--noise-multiplier", "0", "--min-nodes", "4",
+                  "--round-timeout", "400"]
+    serve = run_floe(tmp_path / "operator", *serve_args)
+    try:
+        wait_for(lambda: (state / "superlink.pid").exists(), 60, "the SuperLink", serve)
+        for home in [*homes, evil]:
+            started = floe(home, "sync", "start", env=evil_env if home == evil else None)
+            assert started.returncode == 0, started.stderr
+            assert "Sync started" in started.stdout
+        sync_pids = [json.loads((h / "data" / "sync.json").read_text())["pid"] for h in homes]
+
+        # Round 1, then the SuperLink dies.
+        wait_for(lambda: len(rounds_logged(state)) >= 1, 400, "round 1", serve)
+        os.killpg(int((state / "superlink.pid").read_text()), signal.SIGKILL)
+        out, err = serve.communicate(timeout=60)
+        assert serve.returncode == 1 and "the SuperLink stopped" in err
+        assert "round 1: 4 nodes, 3 updates aggregated" in out
+
+        # Device 3 opts out while the federation is down; everything else carries on.
+        paths3 = resolve_paths({"FLOE_HOME": str(homes[2])})
+        config3, _ = load_config(paths3)
+        config3.federation.enabled = False
+        write_config(paths3, config3)
+        opted_out_at = time.time()
+        serve = run_floe(tmp_path / "operator", *serve_args)
+        out, err = serve.communicate(timeout=500)
+        assert serve.returncode == 0, err
+        assert "round 2: 4 nodes, 2 updates aggregated" in out
+        assert "final shared adapter (round 2) sent to 4 nodes" in out
+        assert all(floe(h, "sync", "status").stdout.startswith(f"Sync: running (pid {pid})")
+                   for h, pid in zip(homes, sync_pids, strict=True))  # the same processes
+    finally:
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGINT)
+            serve.communicate(timeout=30)
+        for home in [*homes, evil]:
+            floe(home, "sync", "stop")
+        proxy.close()
+
+    first, second, final = rounds_logged(state)
+    assert sorted(u["rank"] for u in first["accepted"].values()) == [4, 8, 16]
+    [why] = first["refused"].values()
+    assert "NaN" in why
+    assert sorted(u["rank"] for u in second["accepted"].values()) == [4, 8]
+    [why] = second["refused"].values()
+    assert "norm" in why
+    [why] = second["declined"].values()
+    assert "not opted in" in why
+    assert final["installed"] == 4  # receiving is not uploading: the opted-out device keeps it
+
+    uploads = []
+    for home in homes:
+        store = Store(home / "data" / "floe.db")
+        ledger = [e for e in store.ledger() if e.purpose == "federated"]
+        uploads.append(ledger)
+        # Round 2 of the killed run may have trained (and been recorded) before the kill.
+        assert 1 <= len(ledger) <= 3
+        assert all(e.text_sent.startswith("no text:") for e in ledger)
+        assert len(store.shared_adapters()) >= 2  # after round 1, and the final one
+        store.close()
+    assert len(uploads[0]) >= 2 and len(uploads[1]) >= 2
+    # Opting out stopped device 3's uploads at once.
+    assert all(datetime.fromisoformat(e.created_at).timestamp() < opted_out_at
+               for e in uploads[2])
+
+    # What device 1 sent, read off the wire: tensors and counts, never text.
+    check_wire(proxy, uploads[0], texts=[*GLOSSARY[0], PERSONAL[0], "Rexor", "flarn"])
+
+    # Every device ends with a valid shared adapter in llama.cpp, composed with a personal
+    # one where there is one, and knows more of the glossary, including what it never saw.
+    from tests.test_learning import register
+
+    for i, home in enumerate(homes):
+        paths = resolve_paths({"FLOE_HOME": str(home)})
+        store = Store(paths.database)
+        config, _ = load_config(paths)
+        session = ChatSession(store, config, paths=paths)
+        try:
+            before = [answer_logprob(engine, q, a) for q, a in GLOSSARY]
+            session.sync_adapter(engine)
+            assert engine.adapter_path is not None
+            assert engine.adapter_path.name.startswith("shared-")
+            after = [answer_logprob(engine, q, a) for q, a in GLOSSARY]
+            gains = np.array(after) - np.array(before)
+            others = [g for j, g in enumerate(gains) if j != i]
+            assert min(others) > 0, f"device {i + 1}: glossary gains {gains}"
+            # Personal facts stay personal: another device's pet is no likelier than before.
+            if i == 0:
+                engine.set_adapter(None)
+                pet_before = answer_logprob(engine, "What is my cat called?", "Tomble")
+                session.sync_adapter(engine)
+                pet_after = answer_logprob(engine, "What is my cat called?", "Tomble")
+                assert pet_after - pet_before < 0.5 * min(others)
+                register(session.registry, engine, tmp_path, 1)
+                session.sync_adapter(engine)
+                assert engine.adapter_path.name.startswith("composed-")
+                reply = "".join(step.text for step in engine.generate(
+                    engine.chat_tokens([{"role": "user", "content": "What is a quendle?"}]),
+                    Sampling(temperature=0, max_tokens=12)))
+                assert reply.strip()
+        finally:
+            engine.set_adapter(None)
+            store.close()
+
+
+def check_wire(proxy: RecordingProxy, ledger: list, texts: list[str]) -> None:
+    from flwr.app import Array, MetricRecord
+    from flwr.proto.message_pb2 import PushObjectRequest
+    from flwr.supercore.inflatable.inflatable_object import get_object_type_from_object_content
+
+    requests = proxy.requests()
+    assert requests, "nothing recorded"
+    for _, body in requests:  # no request of any kind carries the user's words
+        for text in texts:
+            assert text.encode() not in body
+    kinds, floats, metrics = {}, 0, []
+    for path, body in requests:
+        if path != "/v1/fleet/push-object":
+            continue
+        request = PushObjectRequest.FromString(body)
+        kind = get_object_type_from_object_content(request.object_content)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "Array":
+            array = Array.inflate(request.object_content).numpy()
+            assert array.dtype == np.float32
+            floats += array.size
+        elif kind == "MetricRecord":
+            metrics.append(dict(MetricRecord.inflate(request.object_content)))
+    assert set(kinds) <= {"Message", "RecordDict", "ArrayRecord", "Array", "MetricRecord"}
+    # Every upload that reached the wire is in the ledger, float for float (one recorded
+    # just before the SuperLink was killed may not have left).
+    assert 2 <= len(metrics) <= len(ledger)
+    assert all(set(m) == {"rank", "examples", "noise-multiplier"} and m["rank"] == 4
+               for m in metrics)
+    assert floats * 4 == len(metrics) * ledger[0].bytes_sent
