@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from floe_app.federated import dp, rounds, validate
+from floe_app.federated.aggregate import Update, flexlora
 
 SHAPES = rounds.module_shapes(blocks=2, width=12, n_head=3, n_head_kv=1)
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
@@ -116,42 +117,45 @@ def test_initial_shared_adapter_is_zero_with_orthonormal_rows():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([1, 2, 4]), st.integers(1, 50)), min_size=1,
-                max_size=4), st.integers(0, 1000))
-def test_a_round_keeps_rows_orthonormal_and_the_weighted_sum_when_rank_allows(devices, seed):
+@given(st.lists(st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(1, 50)), min_size=1,
+                max_size=5), st.integers(0, 1000))
+def test_a_round_is_flexlora_of_the_devices_products(devices, seed):
+    """The fast path (shared A) equals the weighted sum of every device's B_i @ A_i, which
+    is what the general FlexLoRA computes too; A's rows stay orthonormal."""
     rng = np.random.default_rng(seed)
     top = 8
     shared = rounds.initial(SHAPES, rank=top, seed=seed)
-    updates = []
-    for rank, examples in devices:
-        delta = {m: dp.pad_columns(0.1 * rng.standard_normal((out, rank)).astype(np.float32),
-                                   top) for m, (out, _) in SHAPES.items()}
-        updates.append((rounds.rebuild(shared, delta, rank), examples))
-    new, kept = rounds.aggregate(updates, rank=top, seed=seed)
-    total = sum(n for _, n in updates)
+    shared = {m: ((0.1 * rng.standard_normal(b.shape)).astype(np.float32), a)
+              for m, (b, a) in shared.items()}
+    updates = [({m: dp.pad_columns(0.1 * rng.standard_normal((out, rank)).astype(np.float32),
+                                   top) for m, (out, _) in SHAPES.items()}, rank, examples)
+               for rank, examples in devices]
+    new = rounds.aggregate(shared, updates, seed=seed)
+    products = [(rounds.device_product(shared, delta, rank), examples)
+                for delta, rank, examples in updates]
+    general = flexlora([Update(u.modules, n) for u, n in products], [top])[top]
+    total = sum(n for _, n in products)
     for module, (b, a) in new.items():
         np.testing.assert_allclose(a @ a.T, np.eye(top), atol=1e-4)
         expected = sum(n / total * (u.modules[module][0] @ u.modules[module][1])
-                       for u, n in updates)
-        # Every device's rank is a prefix of the same A, so the sum has rank <= 4 < 8: exact.
+                       for u, n in products)
         np.testing.assert_allclose(b @ a, expected, atol=1e-4)
-    assert kept == pytest.approx(1.0)
+        np.testing.assert_allclose(general[module][0] @ general[module][1], expected,
+                                   atol=1e-4)
 
 
-def test_rank_cut_keeps_the_top_energy_and_reports_the_rest():
-    rng = np.random.default_rng(0)
+def test_a_zero_example_device_has_no_weight():
     shared = rounds.initial(SHAPES, rank=4, seed=0)
-    # Two rank-4 devices share A's rows, so their sum has rank 4; cut to 2 it loses energy.
-    updates = [(rounds.rebuild(shared, {m: rng.standard_normal((out, 4)).astype(np.float32)
-                                        for m, (out, _) in SHAPES.items()}, 4), 1)
-               for _ in range(2)]
-    cut, kept = rounds.aggregate(updates, rank=2)
-    assert 0 < kept < 1
-    for module, (b, a) in cut.items():
-        full = sum(0.5 * u.modules[module][0] @ u.modules[module][1] for u, _ in updates)
-        s = np.linalg.svd(full, compute_uv=False)
-        err = np.linalg.norm(full - b @ a)
-        assert err == pytest.approx(math.sqrt(np.sum(s[2:] ** 2)), rel=1e-3)
+    rng = np.random.default_rng(0)
+    one = {m: rng.standard_normal((out, 4)).astype(np.float32) for m, (out, _) in SHAPES.items()}
+    other = {m: 100 * x for m, x in one.items()}
+    alone = rounds.aggregate(shared, [(one, 4, 3)])
+    with_ghost = rounds.aggregate(shared, [(one, 4, 3), (other, 4, 0)])
+    for module in alone:
+        np.testing.assert_allclose(alone[module][0] @ alone[module][1],
+                                   with_ghost[module][0] @ with_ghost[module][1], atol=1e-4)
+    with pytest.raises(ValueError, match="positive total"):
+        rounds.aggregate(shared, [(one, 4, 0)])
 
 
 def test_device_start_is_a_prefix():

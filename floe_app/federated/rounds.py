@@ -5,16 +5,15 @@ W's SVD). A device of rank r trains the first r columns of B against A's first r
 frozen (FFA-LoRA, Sun et al. 2024): the server can rebuild every device's product exactly,
 and ||dB @ A|| = ||dB||, so clipping the uploaded dB clips the change to the weights
 themselves. Aggregation is FlexLoRA: the example-weighted sum of every device's B_i @ A_i,
-cut back to the federation's rank by a truncated SVD (aggregate.py). Directions with no
-weight yet get fresh orthonormal rows, so devices of higher rank always have something to
-train.
+refactored by an SVD into B = U S and orthonormal A. Directions with no weight yet get
+fresh orthonormal rows, so devices of higher rank always have something to train.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from floe_app.federated.aggregate import Update, truncate, weighted_product_factors
+from floe_app.federated.aggregate import Update
 
 Factors = tuple[np.ndarray, np.ndarray]
 Shared = dict[str, Factors]
@@ -66,8 +65,8 @@ def device_start(shared: Shared, rank: int) -> Shared:
     return {m: (b[:, :rank].copy(), a[:rank].copy()) for m, (b, a) in shared.items()}
 
 
-def rebuild(shared: Shared, delta_b: dict[str, np.ndarray], rank: int) -> Update:
-    """A device's adapter from the shared one and its (noised, padded) change to B.
+def device_product(shared: Shared, delta_b: dict[str, np.ndarray], rank: int) -> Update:
+    """A device's adapter, (B0 + dB) against A, from its (noised, padded) change to B.
 
     Columns of the change past the device's rank are noise on padding: dropped.
     """
@@ -75,27 +74,34 @@ def rebuild(shared: Shared, delta_b: dict[str, np.ndarray], rank: int) -> Update
                    for m, (b, a) in shared.items()}, examples=0)
 
 
-def aggregate(updates: list[tuple[Update, int]], rank: int,
-              seed: int = 0) -> tuple[Shared, float]:
-    """The next shared adapter from (device adapter, examples) pairs, and the share of the
-    aggregate's energy (sum of squared singular values) the rank cut keeps."""
-    weighted = [Update(u.modules, examples) for u, examples in updates]
+def aggregate(shared: Shared, updates: list[tuple[dict[str, np.ndarray], int, int]],
+              seed: int = 0) -> Shared:
+    """The next shared adapter from (change to B, device rank, examples) triples.
+
+    FlexLoRA: the example-weighted sum of every device's product, cut to the shared rank R
+    by a truncated SVD. Every device's A is a prefix of the shared A, so the sum is
+    (sum of w_i * B_i padded to R) @ A: one small SVD per module, whatever the number of
+    devices (aggregate.flexlora gives the same for factors with nothing in common). The
+    sum has rank <= R, so the cut to R loses nothing.
+    """
+    weights = np.array([examples for _, _, examples in updates], dtype=np.float64)
+    if not updates or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError("updates need a positive total of examples")
+    weights /= weights.sum()
     rng = np.random.default_rng(seed)
     out: Shared = {}
-    kept = total = 0.0
-    for module in weighted[0].modules:
-        b, a, s = truncate(*weighted_product_factors(weighted, module), rank)
-        r = min(rank, len(s))
-        live = int((s[:r] > 1e-9 * max(float(s[0]), 1e-30)).sum()) if r else 0
-        # truncate splits S evenly between the factors; move it all into B so that A's rows
-        # are orthonormal again.
-        root = np.sqrt(s[:live])
-        b_out = np.zeros_like(b, dtype=np.float64)
-        b_out[:, :live] = b[:, :live] * root
-        a_out = np.zeros_like(a, dtype=np.float64)
-        a_out[:live] = a[:live] / root[:, None]
-        out[module] = (b_out.astype(np.float32),
-                       complete_rows(a_out, live, rng).astype(np.float32))
-        kept += float(np.sum(s[:r] ** 2))
-        total += float(np.sum(s ** 2))
-    return out, (kept / total if total > 0 else 1.0)
+    for module, (b0, a) in shared.items():
+        top = b0.shape[1]
+        b_sum = np.zeros(b0.shape, dtype=np.float64)
+        for w, (delta, rank, _) in zip(weights, updates, strict=True):
+            b_sum[:, :rank] += w * (b0[:, :rank] + delta[module][:, :rank])
+        # A's rows are orthonormal, so the singular values of b_sum @ A are those of b_sum.
+        u, s, vt = np.linalg.svd(b_sum, full_matrices=False)
+        live = int((s > 1e-9 * max(float(s[0]), 1e-30)).sum()) if s.size else 0
+        new_b = np.zeros((b0.shape[0], top))
+        new_b[:, :live] = u[:, :live] * s[:live]
+        new_a = np.zeros((top, a.shape[1]))
+        new_a[:live] = vt[:live] @ a.astype(np.float64)
+        out[module] = (new_b.astype(np.float32),
+                       complete_rows(new_a, live, rng).astype(np.float32))
+    return out

@@ -157,18 +157,16 @@ class Federation:
                 refused[node] = (f"update norm {norms[node]:.3g} is above what clipping and"
                                  f" noise allow ({bound[node]:.3g})")
         kept = {n: u for n, u in accepted.items() if n not in refused}
-        energy = None
         if kept:
-            self.shared, energy = rounds.aggregate(
-                [(rounds.rebuild(self.shared, delta, rank), examples)
-                 for delta, rank, examples, _ in kept.values()],
-                self.settings.rank, seed=round_number)
+            self.shared = rounds.aggregate(
+                self.shared, [(delta, rank, examples) for delta, rank, examples, _ in
+                              kept.values()], seed=round_number)
         version = self._save(round_number)
         self._log({"event": "round", "round": round_number, "nodes": len(nodes),
                    "replies": len(replies), "seconds": round(time.monotonic() - started, 1),
                    "accepted": {n: {"rank": u[1], "examples": u[2], "norm": norms[n]}
                                 for n, u in kept.items()},
-                   "refused": refused, "declined": declined, "energy_kept": energy,
+                   "refused": refused, "declined": declined,
                    "version": version, "settings": {k: str(v) if isinstance(v, Path) else v
                                                     for k, v in asdict(self.settings).items()}})
 

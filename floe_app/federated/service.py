@@ -314,7 +314,5 @@ def describe(entry: dict) -> str:
         parts.append(f"refused node {node}: {why}")
     for node, why in entry["declined"].items():
         parts.append(f"node {node} declined: {why}")
-    energy = entry.get("energy_kept")
-    parts.append(f"{entry['seconds']} s" + (f", rank cut kept {energy:.1%}" if energy else "")
-                 + f", {entry['version']}")
+    parts.append(f"{entry['seconds']} s, {entry['version']}")
     return "; ".join(parts)
