@@ -475,11 +475,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
               else "Sync is not running.")
         return 0
     if args.sync_command == "status":
-        return print_sync_status(paths, args.json)
+        return print_sync_status(paths, config, args.json)
     tier, _ = choose_tier(probe(), config.learning.tier, config.learning.threads)
     if args.sync_command == "run":
-        command = service.supernode_command(paths, config, tier.rank, service.free_port())
-        os.execve(command[0], command, service.flower_env(paths.data_dir / "flwr"))
+        print(f"floe sync run: {service.run_sync(paths, config, tier.rank)}", file=sys.stderr)
+        return 0
     state = service.start_sync(paths, config, tier.rank)
     print(f"Sync started (pid {state.pid}): rank {state.rank} ({tier.name} tier), joining"
           f" {state.address} when this computer is idle and on power. Log:"
@@ -487,33 +487,19 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_sync_status(paths: Paths, as_json: bool) -> int:
+def print_sync_status(paths: Paths, config: Config, as_json: bool) -> int:
     from floe_app.federated import service
-    from floe_app.store import Store
 
-    state = service.sync_state(paths)
-    store = Store(paths.database)
-    try:
-        rows, shared = store.federation_rounds(), store.shared_adapters()
-    finally:
-        store.close()
-    uploads = [r for r in rows if r["outcome"] == "uploaded"]
-    epsilon = uploads[-1]["epsilon"] if uploads else 0.0
+    summary = service.sync_summary(paths)
     if as_json:
+        state = summary.state
         print(json.dumps({"running": state is not None, "pid": state and state.pid,
                           "address": state and state.address, "rank": state and state.rank,
-                          "uploads": len(uploads), "epsilon": epsilon, "rounds": rows,
-                          "shared": shared[-1] if shared else None}))
+                          "uploads": summary.uploads, "epsilon": summary.epsilon,
+                          "delta": config.federation.delta, "rounds": summary.rounds,
+                          "shared": summary.shared}))
         return 0
-    print(f"Sync: running (pid {state.pid}), {state.address}, rank {state.rank}" if state
-          else "Sync: not running (floe sync start)")
-    print(f"Rounds: {len(uploads)} uploads, {len(rows) - len(uploads)} declined or refused;"
-          f" privacy spent: epsilon {epsilon:.2f}")
-    if rows and rows[-1]["outcome"] != "uploaded":
-        print(f"Last: {rows[-1]['outcome']}: {rows[-1]['reason']}")
-    if shared:
-        print(f"Shared adapter: round {shared[-1]['round'] or 'final'} of"
-              f" {shared[-1]['federation']}, rank {shared[-1]['rank']}")
+    print("\n".join(summary.lines(config.federation.delta)))
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from floe_app.config import Config, write_config
+from floe_app.config import Config, FederationSettings, write_config
 from floe_app.engine.cloud import (
     CANCELLED,
     OK,
@@ -373,6 +373,30 @@ class ChatSession:
     def start_training(self) -> None:
         """Train in a background process."""
         self._training = start_background(self.paths.data_dir, self.model_override)
+
+    def federation_lines(self) -> list[str]:
+        """The sync service, rounds joined and privacy spent (settings screen)."""
+        from floe_app.federated.service import sync_summary
+
+        return sync_summary(self.paths).lines(self.config.federation.delta)
+
+    def federation_changed(self, before: FederationSettings) -> str | None:
+        """After settings are saved: opting out stops the sync service at once (the device
+        also checks before every upload); opting in starts it. FloeError if it cannot."""
+        from floe_app.federated import service
+        from floe_app.personalize.tiers import choose_tier, probe
+
+        after = self.config.federation
+        if before.enabled and not after.enabled:
+            service.stop_sync(self.paths)
+            return "Opted out of federated rounds: nothing more is uploaded."
+        if after.enabled and not before.enabled:
+            learning = self.config.learning
+            tier, _ = choose_tier(probe(), learning.tier, learning.threads)
+            state = service.start_sync(self.paths, self.config, tier.rank)
+            return (f"Federated sync started (rank {state.rank}): it joins {state.address}"
+                    " when this computer is idle and on power.")
+        return None
 
     def training_status(self) -> TrainingStatus | None:
         if self._training is not None and self._training.poll() is not None:

@@ -58,15 +58,6 @@ def test_epsilon_grows_with_rounds_and_falls_with_noise():
     assert dp.epsilon([z], 1e-5) <= 0.5
 
 
-def test_padding_adds_zero_columns_only():
-    b = np.arange(12, dtype=np.float32).reshape(3, 4)
-    padded = dp.pad_columns(b, 16)
-    assert padded.shape == (3, 16) and not padded[:, 4:].any()
-    np.testing.assert_array_equal(padded[:, :4], b)
-    with pytest.raises(ValueError, match="above the round's maximum"):
-        dp.pad_columns(b, 2)
-
-
 def test_arrays_problem_names_what_is_wrong():
     expected = {k: v.shape for k, v in arrays_of(0).items()}
     good = arrays_of(1)
@@ -127,8 +118,8 @@ def test_a_round_is_flexlora_of_the_devices_products(devices, seed):
     shared = rounds.initial(SHAPES, rank=top, seed=seed)
     shared = {m: ((0.1 * rng.standard_normal(b.shape)).astype(np.float32), a)
               for m, (b, a) in shared.items()}
-    updates = [({m: dp.pad_columns(0.1 * rng.standard_normal((out, rank)).astype(np.float32),
-                                   top) for m, (out, _) in SHAPES.items()}, rank, examples)
+    updates = [({m: (0.1 * rng.standard_normal((out, rank))).astype(np.float32)
+                 for m, (out, _) in SHAPES.items()}, rank, examples)
                for rank, examples in devices]
     new = rounds.aggregate(shared, updates, seed=seed)
     products = [(rounds.device_product(shared, delta, rank), examples)

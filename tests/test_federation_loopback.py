@@ -22,6 +22,7 @@ from floe_app.config import Config, load_config, write_config
 from floe_app.engine.sampling import Sampling
 from floe_app.federated.service import free_port
 from floe_app.paths import resolve_paths
+from floe_app.personalize.export import read_gguf_adapter
 from floe_app.session import ChatSession
 from floe_app.store import Store
 from tests.wire import RecordingProxy
@@ -43,7 +44,7 @@ import floe_app.federated.client as client
 
 def take_part(paths, model_path, plan, shared_arrays, node_rank):
     fill = np.nan if plan.round == 1 else 1e4
-    delta = {m[:-2]: np.full(a.shape, fill, np.float32)
+    delta = {m[:-2]: np.full((a.shape[0], 4), fill, np.float32)
              for m, a in shared_arrays.items() if m.endswith(".B")}
     return client.Upload(delta, 4, 1000, 0.0, plan.noise_multiplier)
 
@@ -187,15 +188,23 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
     assert "not opted in" in why
     assert final["installed"] == 4  # receiving is not uploading: the opted-out device keeps it
 
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["round"] == 2
+    final_arrays = np.load(state / saved["file"])
     uploads = []
-    for home in homes:
+    for home, rank in zip(homes, (4, 8, 16), strict=True):
         store = Store(home / "data" / "floe.db")
+        # Each device keeps the final shared adapter, cut to its own rank.
+        kept = read_gguf_adapter(Path(store.shared_adapters()[-1]["path"])).tensors
+        np.testing.assert_allclose(kept["blk.0.attn_v.weight.lora_b"],
+                                   final_arrays["layers.0.self_attn.v_proj.B"][:, :rank])
+        np.testing.assert_allclose(kept["blk.0.attn_v.weight.lora_a"],
+                                   final_arrays["layers.0.self_attn.v_proj.A"][:rank])
         ledger = [e for e in store.ledger() if e.purpose == "federated"]
         uploads.append(ledger)
         # Round 2 of the killed run may have trained (and been recorded) before the kill.
         assert 1 <= len(ledger) <= 3
         assert all(e.text_sent.startswith("no text:") for e in ledger)
-        assert len(store.shared_adapters()) >= 2  # after round 1, and the final one
         store.close()
     assert len(uploads[0]) >= 2 and len(uploads[1]) >= 2
     # Opting out stopped device 3's uploads at once.

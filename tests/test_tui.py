@@ -336,3 +336,27 @@ async def test_settings_parse_switches_and_lists():
     assert host.result.privacy.local_only is True
     assert host.result.privacy.redact_terms == ["Biscotti", "Ada Lovelace"]
     assert host.result.cloud.base_url == "http://127.0.0.1:9/v1"
+
+
+async def test_opting_in_and_out_of_federated_rounds_in_settings(paths, config, tmp_path):
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        status = str(app.screen.query_one("#federation-status").render())
+        assert "Sync: not running" in status and "epsilon 0.00 at delta 1e-05" in status
+        app.screen.query_one("#federation-enabled").value = "true"
+        app.screen.query_one("#federation-address").value = "federation.example.org:9092"
+        await pilot.press("ctrl+s")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        # Saved, but the service refuses a remote federation without TLS, and says so.
+        assert load_config(paths)[0].federation.enabled
+        assert any("Federated sync:" in n.message and "TLS certificate" in n.message
+                   for n in app._notifications)
+        await pilot.press("f2")
+        app.screen.query_one("#federation-enabled").value = "false"
+        await pilot.press("ctrl+s")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert not load_config(paths)[0].federation.enabled
+        assert any("nothing more is uploaded" in n.message for n in app._notifications)

@@ -45,7 +45,7 @@ class RoundPlan:
     federation: str
     run_id: int
     round: int
-    rank: int  # the federation's rank: every payload is padded to it
+    rank: int  # the shared adapter's rank (devices train a prefix of it)
     clip_norm: float
     noise_multiplier: float
     steps: int
@@ -70,7 +70,7 @@ class RoundPlan:
 
 @dataclass
 class Upload:
-    delta: dict[str, np.ndarray]  # module -> change to B, clipped, noised, padded to plan.rank
+    delta: dict[str, np.ndarray]  # module -> change to B (out x rank), clipped and noised
     rank: int
     examples: int
     epsilon: float  # spent by this device after this upload, at config.federation.delta
@@ -191,8 +191,7 @@ def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
         if isinstance(exc, Declined):
             raise
         raise Declined(f"busy: {exc}") from None
-    padded = {m: dp.pad_columns(d, plan.rank) for m, d in delta.items()}
-    noised, _ = dp.privatize(padded, plan.clip_norm, noise,
+    noised, _ = dp.privatize(delta, plan.clip_norm, noise,
                              np.random.default_rng(secrets.randbits(128)))
     _opted_in(paths)  # opting out while this round trained stops the upload
     upload = Upload({m: a.astype(np.float32) for m, a in noised.items()}, rank,
@@ -221,7 +220,7 @@ def record_upload(store: Store, plan: RoundPlan, upload: Upload) -> None:
         endpoint=plan.federation, model=f"federated run {plan.run_id} round {plan.round}",
         purpose="federated",
         text_sent=(f"no text: {len(upload.delta)} noised LoRA B-factor changes ({floats:,}"
-                   f" floats, rank {upload.rank} padded to {plan.rank}, clipped to"
+                   f" floats, rank {upload.rank}, clipped to"
                    f" {plan.clip_norm:g}, noise x{upload.noise_multiplier:g}), the example"
                    f" count {upload.examples}; epsilon now {upload.epsilon:.2f}"),
         bytes_sent=size)

@@ -49,14 +49,6 @@ def privatize(arrays: Arrays, bound: float, noise_multiplier: float,
             for k, a in clipped.items()}, norm
 
 
-def pad_columns(b: np.ndarray, width: int) -> np.ndarray:
-    """A B factor (out x r) padded with zero columns to `width`: Flower's DP mods and the
-    server's checks want every client's arrays in the round's one shape."""
-    if b.shape[1] > width:
-        raise ValueError(f"rank {b.shape[1]} is above the round's maximum {width}")
-    return np.pad(b, ((0, 0), (0, width - b.shape[1])))
-
-
 def epsilon(noise_multipliers: Iterable[float], delta: float) -> float:
     """Epsilon spent at `delta` by Gaussian releases with these noise multipliers.
 

@@ -66,10 +66,7 @@ def device_start(shared: Shared, rank: int) -> Shared:
 
 
 def device_product(shared: Shared, delta_b: dict[str, np.ndarray], rank: int) -> Update:
-    """A device's adapter, (B0 + dB) against A, from its (noised, padded) change to B.
-
-    Columns of the change past the device's rank are noise on padding: dropped.
-    """
+    """A device's adapter, (B0 + dB) against A, from its (noised) change to B."""
     return Update({m: (b[:, :rank] + delta_b[m][:, :rank], a[:rank])
                    for m, (b, a) in shared.items()}, examples=0)
 

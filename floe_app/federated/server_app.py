@@ -1,7 +1,7 @@
 """Floe's Flower ServerApp: rounds of FlexLoRA over devices of different ranks.
 
-Each round every connected node gets the shared adapter (padded to the federation's rank)
-and the round's settings; it answers with a clipped, noised change to B or declines.
+Each round every connected node gets the shared adapter and the round's settings; it
+answers with a clipped, noised change to the first `rank` columns of B, or declines.
 Updates with wrong keys, shapes or values, or a norm far outside the round's, are refused
 and the round completes with the rest. The shared adapter and a JSON line per round are
 written to the state folder after every round, so a run started again after a SuperLink
@@ -148,8 +148,9 @@ class Federation:
             accepted[node] = update
             norms[node] = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2))
                                             for d in update[0].values())))
-        bound = {n: validate.noised_norm_bound(self.settings.clip_norm, accepted[n][3],
-                                               self.coordinates) for n in accepted}
+        bound = {n: validate.noised_norm_bound(self.settings.clip_norm, u[3],
+                                               sum(d.size for d in u[0].values()))
+                 for n, u in accepted.items()}
         for node, reason in validate.norm_outliers(norms).items():
             refused[node] = reason
         for node in accepted:
@@ -170,10 +171,6 @@ class Federation:
                    "version": version, "settings": {k: str(v) if isinstance(v, Path) else v
                                                     for k, v in asdict(self.settings).items()}})
 
-    @property
-    def coordinates(self) -> int:
-        return sum(out * self.settings.rank for out, _ in self.shapes.values())
-
     def unpack(self, reply: Message) -> tuple[Any, str | None]:
         """(delta B by module, rank, examples, noise multiplier), or why it is refused."""
         try:
@@ -190,7 +187,7 @@ class Federation:
         if not np.isfinite(noise) or noise < self.settings.noise_multiplier:
             return None, (f"noise multiplier {noise} is below the federation's"
                           f" {self.settings.noise_multiplier}")
-        expected = {f"{m}.dB": (out, self.settings.rank) for m, (out, _) in self.shapes.items()}
+        expected = {f"{m}.dB": (out, rank) for m, (out, _) in self.shapes.items()}
         problem = validate.arrays_problem(arrays, expected)
         if problem is not None:
             return None, problem

@@ -129,6 +129,49 @@ def sync_state(paths: Paths) -> SyncState | None:
     return state
 
 
+@dataclass
+class SyncSummary:
+    """What `floe sync status` and the settings screen show."""
+
+    state: SyncState | None
+    rounds: list[dict]
+    shared: dict | None
+
+    @property
+    def uploads(self) -> int:
+        return sum(r["outcome"] == "uploaded" for r in self.rounds)
+
+    @property
+    def epsilon(self) -> float:
+        spent = [r["epsilon"] for r in self.rounds if r["outcome"] == "uploaded"]
+        return float(spent[-1]) if spent and spent[-1] is not None else 0.0
+
+    def lines(self, delta: float) -> list[str]:
+        state = self.state
+        lines = [f"Sync: running (pid {state.pid}), {state.address}, rank {state.rank}"
+                 if state else "Sync: not running (floe sync start)",
+                 f"Rounds: {self.uploads} uploads, {len(self.rounds) - self.uploads} declined"
+                 f" or refused; privacy spent: epsilon {self.epsilon:.2f} at delta {delta:g}"]
+        if self.rounds and self.rounds[-1]["outcome"] != "uploaded":
+            lines.append(f"Last: {self.rounds[-1]['outcome']}: {self.rounds[-1]['reason']}")
+        if self.shared:
+            lines.append(f"Shared adapter: round {self.shared['round'] or 'final'} of"
+                         f" {self.shared['federation']}, rank {self.shared['rank']}")
+        return lines
+
+
+def sync_summary(paths: Paths) -> SyncSummary:
+    from floe_app.store import Store
+
+    store = Store(paths.database)
+    try:
+        shared = store.shared_adapters()
+        return SyncSummary(sync_state(paths), store.federation_rounds(),
+                           shared[-1] if shared else None)
+    finally:
+        store.close()
+
+
 def start_sync(paths: Paths, config: Config, rank: int) -> SyncState:
     """Start the SuperNode in the background, in its own session: it outlives the chat."""
     running = sync_state(paths)
@@ -149,6 +192,23 @@ def start_sync(paths: Paths, config: Config, rank: int) -> SyncState:
         _sync_file(paths).unlink(missing_ok=True)
         raise FloeError(f"sync did not start: {exc}; see {paths.data_dir / 'sync.log'}") from None
     return state
+
+
+def run_sync(paths: Paths, config: Config, rank: int) -> str:
+    """`floe sync run`: become the SuperNode (for systemd and launchd). Returns, with the
+    reason, only when it should not run; a service manager then leaves it stopped."""
+    running = sync_state(paths)
+    if running is not None:
+        return f"sync is already running (pid {running.pid})"
+    if not config.federation.enabled:
+        return "federated rounds are off (federation.enabled = false): not starting"
+    port = free_port()
+    command = supernode_command(paths, config, rank, port)
+    # exec keeps this pid: `floe sync status` and `stop` find the SuperNode by it.
+    _sync_file(paths).write_text(json.dumps(asdict(SyncState(
+        os.getpid(), config.federation.address, rank, port, time.time()))))
+    os.execve(command[0], command, flower_env(paths.data_dir / "flwr"))
+    raise AssertionError("exec returned")  # (never: execve replaces this process)
 
 
 def stop_sync(paths: Paths, timeout: float = 10.0) -> bool:

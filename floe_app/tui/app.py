@@ -23,7 +23,7 @@ from textual.widgets import Footer, Input, ListView
 from textual.widgets import Markdown as MarkdownWidget
 from textual.widgets.markdown import MarkdownStream
 
-from floe_app.config import Config, write_config
+from floe_app.config import Config, FederationSettings, write_config
 from floe_app.errors import FloeError
 from floe_app.paths import Paths, assets_dir
 from floe_app.session import ChatSession, Delta, Finished, Notice, Saved, conversation_markdown
@@ -483,6 +483,7 @@ class FloeApp(App[None]):
             if config is None:
                 return
             model_changed = config.model != self.session.config.model
+            federation_before = self.session.config.federation
             self.session.config = config
             try:
                 path = write_config(self.paths, config)
@@ -494,8 +495,21 @@ class FloeApp(App[None]):
             if model_changed:
                 self.load_model()
             self.show_mode()
+            if config.federation.enabled != federation_before.enabled:
+                self.run_worker(lambda: self.apply_federation(federation_before), thread=True)
 
-        self.push_screen(SettingsScreen(self.session.config), saved)
+        self.push_screen(SettingsScreen(self.session.config, self.session.federation_lines()),
+                         saved)
+
+    def apply_federation(self, before: FederationSettings) -> None:
+        """Start or stop the sync service (a few seconds: off the UI thread)."""
+        try:
+            notice = self.session.federation_changed(before)
+        except FloeError as exc:
+            self.call_from_thread(self.notify, f"Federated sync: {exc}", severity="error")
+        else:
+            if notice:
+                self.call_from_thread(self.notify, notice)
 
     def action_help(self) -> None:
         keys = [(b.key_display or self.get_key_display(b), b.description)

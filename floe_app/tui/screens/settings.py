@@ -15,7 +15,10 @@ EDITABLE = ("model.path", "chat.system_prompt", "chat.mode", "chat.temperature",
             "chat.top_p", "chat.max_tokens", "model.threads", "model.context_tokens",
             "privacy.local_only", "privacy.redact_terms", "cloud.base_url", "cloud.model",
             "cloud.api", "fusion.deadline_ms", "learning.paused", "learning.auto",
-            "learning.delay_s", "learning.tier")
+            "learning.delay_s", "learning.tier", "federation.enabled", "federation.address",
+            "federation.root_certificates", "federation.node_key",
+            "federation.min_noise_multiplier", "federation.max_epsilon",
+            "federation.share_replies", "federation.share_corrections")
 
 
 def show_value(value: object) -> str:
@@ -48,9 +51,10 @@ class SettingsScreen(ModalScreen[Config | None]):
 
     BINDINGS = [("escape", "dismiss(None)", "Cancel"), ("ctrl+s", "save", "Save")]
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, federation: list[str] | None = None) -> None:
         super().__init__(classes="dialog-screen")
         self.config = config
+        self.federation = federation or []  # the sync service's state, shown above its keys
         specs = {s.key: s for s in setting_specs()}
         self.specs = [specs[key] for key in EDITABLE]
 
@@ -61,6 +65,9 @@ class SettingsScreen(ModalScreen[Config | None]):
         with VerticalScroll(classes="dialog wide"):
             yield Label("Settings  (Ctrl+S to save, Esc to cancel)", classes="title")
             for spec in self.specs:
+                if spec.key == "federation.enabled" and self.federation:
+                    yield Label("\n".join(self.federation), id="federation-status",
+                                classes="field-label")
                 field_id = spec.key.replace(".", "-")
                 allowed = " (comma-separated)" if spec.type is list else ""
                 yield Label(f"{spec.doc} ({spec.key}){allowed}", classes="field-label")
