@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile plugins/floe-files/pyproject.toml plugins/floe
 	# llama-cpp-python compiles from source the first time (a C/C++ compiler, ~4 min on 2 cores).
 	# A CPU build of torch first: an unpinned torch resolves to a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,train]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,train,federated]'
 	# The example plugins, so their own tests run with everyone else's.
 	$(BIN)/python -m pip install --quiet -e plugins/floe-files -e plugins/floe-clock
 	touch $(STAMP)
@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.fusion_quality
 	$(BIN)/python -m benchmarks.startup
 	$(BIN)/python -m benchmarks.personalize
+	$(BIN)/python -m benchmarks.federated
 
 dist: $(STAMP)
 	rm -rf dist

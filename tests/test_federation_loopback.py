@@ -252,32 +252,35 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
 
 
 def check_wire(proxy: RecordingProxy, ledger: list, texts: list[str]) -> None:
-    from flwr.app import Array, MetricRecord
     from flwr.proto.message_pb2 import PushObjectRequest
     from flwr.supercore.inflatable.inflatable_object import get_object_type_from_object_content
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
     requests = proxy.requests()
     assert requests, "nothing recorded"
     for _, body in requests:  # no request of any kind carries the user's words
         for text in texts:
             assert text.encode() not in body
-    kinds, floats, metrics = {}, 0, []
+    contents = {}
     for path, body in requests:
-        if path != "/v1/fleet/push-object":
-            continue
-        request = PushObjectRequest.FromString(body)
-        kind = get_object_type_from_object_content(request.object_content)
-        kinds[kind] = kinds.get(kind, 0) + 1
-        if kind == "Array":
-            array = Array.inflate(request.object_content).numpy()
-            assert array.dtype == np.float32
-            floats += array.size
-        elif kind == "MetricRecord":
-            metrics.append(dict(MetricRecord.inflate(request.object_content)))
-    assert set(kinds) <= {"Message", "RecordDict", "ArrayRecord", "Array", "MetricRecord"}
+        if path == "/v1/fleet/push-object":
+            request = PushObjectRequest.FromString(body)
+            contents[request.object_id] = request.object_content
+    kinds = {oid: get_object_type_from_object_content(c) for oid, c in contents.items()}
+    assert set(kinds.values()) <= {"Message", "RecordDict", "ArrayRecord", "Array",
+                                   "ArrayChunk", "MetricRecord"}
+    replies = [inflate_object_from_contents(oid, dict(contents), keep_object_contents=True)
+               for oid, kind in kinds.items() if kind == "RecordDict"]
+    floats = 0
+    for reply in replies:
+        assert set(reply) == {"update", "metrics"}
+        assert set(reply["metrics"]) == {"rank", "examples", "noise-multiplier"}
+        assert reply["metrics"]["rank"] == 4
+        for array in reply["update"].values():
+            values = array.numpy()
+            assert values.dtype == np.float32 and values.shape[1] == 4
+            floats += values.size
     # Every upload that reached the wire is in the ledger, float for float (one recorded
     # just before the SuperLink was killed may not have left).
-    assert 2 <= len(metrics) <= len(ledger)
-    assert all(set(m) == {"rank", "examples", "noise-multiplier"} and m["rank"] == 4
-               for m in metrics)
-    assert floats * 4 == len(metrics) * ledger[0].bytes_sent
+    assert 2 <= len(replies) <= len(ledger)
+    assert floats * 4 == len(replies) * ledger[0].bytes_sent
