@@ -295,3 +295,18 @@ def test_sync_status_when_nothing_ran(paths, capsys):
     assert "not running" in capsys.readouterr().out
     assert main(["sync", "start"]) == 1
     assert "opt in first" in capsys.readouterr().err
+
+
+def test_private_conversations_from_the_command_line(paths, store, config, capsys):
+    from floe_app.cli import main
+
+    teach(store)
+    [conversation] = store.conversations()
+    assert main(["private", str(conversation.id)]) == 0
+    assert "private: no federation learns from it" in capsys.readouterr().out
+    assert store.conversation(conversation.id).private == 1
+    assert client.shareable(config, store.taught_replies(shareable=True)) == []
+    assert main(["private", str(conversation.id), "off"]) == 0
+    assert len(client.shareable(config, store.taught_replies(shareable=True))) == 2
+    assert main(["private", "999"]) == 1
+    assert "no conversation 999" in capsys.readouterr().err

@@ -155,3 +155,33 @@ def test_device_start_is_a_prefix():
     for module, (b, a) in start.items():
         assert b.shape[1] == 4 and a.shape[0] == 4
         np.testing.assert_array_equal(a, shared[module][1][:4])
+
+
+def good_reply(rank=4):
+    rng = np.random.default_rng(rank)
+    return ({f"{m}.dB": rng.standard_normal((out, rank)).astype(np.float32)
+             for m, (out, _) in SHAPES.items()},
+            {"rank": rank, "examples": 3, "noise-multiplier": 1.0})
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda a, m: m.pop("rank"), "malformed metrics"),
+    (lambda a, m: m.update(rank="four"), "malformed metrics"),
+    (lambda a, m: m.update(rank=32), "rank 32 is outside 1..16"),
+    (lambda a, m: m.update(rank=0), "rank 0 is outside"),
+    (lambda a, m: m.update(examples=0), "example count 0"),
+    (lambda a, m: m.update(examples=10**9), "example count"),
+    (lambda a, m: m.update(**{"noise-multiplier": 0.5}), "below the federation's 1.0"),
+    (lambda a, m: m.update(**{"noise-multiplier": float("nan")}), "noise multiplier nan"),
+    (lambda a, m: m.update(rank=8), "wrong shape"),  # says 8, sends rank 4 arrays
+    (lambda a, m: a.pop("layers.1.self_attn.o_proj.dB"), "missing"),
+    (lambda a, m: a.update(secret=np.zeros(3, np.float32)), "unexpected"),
+    (lambda a, m: a["layers.0.self_attn.q_proj.dB"].__setitem__((0, 0), np.inf), "NaN or inf"),
+])
+def test_the_server_refuses_malformed_updates(change, reason):
+    arrays, metrics = good_reply()
+    update, problem = validate.update_problem(arrays, metrics, SHAPES, 16, 1.0)
+    assert problem is None and update[1:] == (4, 3, 1.0)
+    change(arrays, metrics)
+    update, problem = validate.update_problem(arrays, metrics, SHAPES, 16, 1.0)
+    assert update is None and reason in problem

@@ -175,20 +175,8 @@ class Federation:
         """(delta B by module, rank, examples, noise multiplier), or why it is refused."""
         try:
             arrays = {k: a.numpy() for k, a in reply.content["update"].items()}
-            metrics = reply.content["metrics"]
-            rank, examples = int(metrics["rank"]), int(metrics["examples"])
-            noise = float(metrics["noise-multiplier"])
+            metrics = dict(reply.content["metrics"])
         except Exception as exc:  # any malformed reply is one refused update, not a crash
             return None, f"malformed reply ({type(exc).__name__}: {exc})"
-        if not 1 <= rank <= self.settings.rank:
-            return None, f"rank {rank} is outside 1..{self.settings.rank}"
-        if not 1 <= examples <= 1_000_000:
-            return None, f"example count {examples} is out of range"
-        if not np.isfinite(noise) or noise < self.settings.noise_multiplier:
-            return None, (f"noise multiplier {noise} is below the federation's"
-                          f" {self.settings.noise_multiplier}")
-        expected = {f"{m}.dB": (out, rank) for m, (out, _) in self.shapes.items()}
-        problem = validate.arrays_problem(arrays, expected)
-        if problem is not None:
-            return None, problem
-        return ({m: arrays[f"{m}.dB"] for m in self.shapes}, rank, examples, noise), None
+        return validate.update_problem(arrays, metrics, self.shapes, self.settings.rank,
+                                       self.settings.noise_multiplier)

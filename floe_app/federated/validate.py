@@ -8,6 +8,7 @@ with the wrong shapes, non-finite values or another base model.
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,28 @@ def arrays_problem(arrays: Arrays, expected: Shapes) -> str | None:
         if not np.isfinite(array).all():
             return f"{key} holds NaN or infinite values"
     return None
+
+
+def update_problem(arrays: Arrays, metrics: dict[str, Any],
+                   shapes: dict[str, tuple[int, int]], max_rank: int, min_noise: float
+                   ) -> tuple[tuple[Arrays, int, int, float] | None, str | None]:
+    """A device's reply as (change to B by module, rank, examples, noise multiplier), or
+    why the server refuses it."""
+    try:
+        rank, examples = int(metrics["rank"]), int(metrics["examples"])
+        noise = float(metrics["noise-multiplier"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, f"malformed metrics ({type(exc).__name__}: {exc})"
+    if not 1 <= rank <= max_rank:
+        return None, f"rank {rank} is outside 1..{max_rank}"
+    if not 1 <= examples <= 1_000_000:
+        return None, f"example count {examples} is out of range"
+    if not np.isfinite(noise) or noise < min_noise:
+        return None, f"noise multiplier {noise} is below the federation's {min_noise}"
+    problem = arrays_problem(arrays, {f"{m}.dB": (out, rank) for m, (out, _) in shapes.items()})
+    if problem is not None:
+        return None, problem
+    return ({m: arrays[f"{m}.dB"] for m in shapes}, rank, examples, noise), None
 
 
 def norm_outliers(norms: dict[str, float], ratio: float = OUTLIER_RATIO,
