@@ -11,6 +11,8 @@ fresh orthonormal rows, so devices of higher rank always have something to train
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from floe_app.federated.aggregate import Update
@@ -71,33 +73,35 @@ def device_product(shared: Shared, delta_b: dict[str, np.ndarray], rank: int) ->
                    for m, (b, a) in shared.items()}, examples=0)
 
 
-def aggregate(shared: Shared, updates: list[tuple[dict[str, np.ndarray], int, int]],
+def aggregate(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int, int]],
               seed: int = 0) -> Shared:
     """The next shared adapter from (change to B, device rank, examples) triples.
 
     FlexLoRA: the example-weighted sum of every device's product, cut to the shared rank R
     by a truncated SVD. Every device's A is a prefix of the shared A, so the sum is
-    (sum of w_i * B_i padded to R) @ A: one small SVD per module, whatever the number of
-    devices (aggregate.flexlora gives the same for factors with nothing in common). The
-    sum has rank <= R, so the cut to R loses nothing.
+    (sum of w_i * B_i padded to R) @ A: one pass over the updates (they may stream in) and
+    one small SVD per module, whatever the number of devices (aggregate.flexlora gives the
+    same for factors with nothing in common). The sum has rank <= R: the cut loses nothing.
     """
-    weights = np.array([examples for _, _, examples in updates], dtype=np.float64)
-    if not updates or (weights < 0).any() or weights.sum() <= 0:
+    sums = {m: np.zeros(b.shape, dtype=np.float64) for m, (b, _) in shared.items()}
+    total = 0.0
+    for delta, rank, examples in updates:
+        if examples < 0:
+            raise ValueError("an update cannot have a negative example count")
+        total += examples
+        for module, (b0, _) in shared.items():
+            sums[module][:, :rank] += examples * (b0[:, :rank] + delta[module][:, :rank])
+    if total <= 0:
         raise ValueError("updates need a positive total of examples")
-    weights /= weights.sum()
     rng = np.random.default_rng(seed)
     out: Shared = {}
     for module, (b0, a) in shared.items():
-        top = b0.shape[1]
-        b_sum = np.zeros(b0.shape, dtype=np.float64)
-        for w, (delta, rank, _) in zip(weights, updates, strict=True):
-            b_sum[:, :rank] += w * (b0[:, :rank] + delta[module][:, :rank])
-        # A's rows are orthonormal, so the singular values of b_sum @ A are those of b_sum.
-        u, s, vt = np.linalg.svd(b_sum, full_matrices=False)
+        # A's rows are orthonormal, so the singular values of B @ A are those of B.
+        u, s, vt = np.linalg.svd(sums[module] / total, full_matrices=False)
         live = int((s > 1e-9 * max(float(s[0]), 1e-30)).sum()) if s.size else 0
-        new_b = np.zeros((b0.shape[0], top))
+        new_b = np.zeros(b0.shape)
         new_b[:, :live] = u[:, :live] * s[:live]
-        new_a = np.zeros((top, a.shape[1]))
+        new_a = np.zeros(a.shape)
         new_a[:live] = vt[:live] @ a.astype(np.float64)
         out[module] = (new_b.astype(np.float32),
                        complete_rows(new_a, live, rng).astype(np.float32))
