@@ -12,6 +12,7 @@ hand it over. Opting out between training and sending still stops the upload.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -230,6 +231,7 @@ def record_upload(store: Store, plan: RoundPlan, upload: Upload) -> None:
 def _train(paths: Paths, model_path: Path, plan: RoundPlan, shared: rounds.Shared, rank: int,
            dataset: Any) -> dict[str, np.ndarray]:
     """The change this device makes to B in `plan.steps` steps (A frozen)."""
+    os.nice(10)  # this ClientApp process only: the user's work (and the SuperLink) first
     from floe_app.personalize.export import peft_factors
     from floe_app.personalize.job import bundled_text
     from floe_app.personalize.trainer import TrainConfig, load_base, train_lora

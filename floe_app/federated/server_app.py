@@ -134,7 +134,15 @@ class Federation:
         nodes = self._nodes(grid)
         messages = [Message(self._payload(round_number), node, "train",
                             group_id=str(round_number)) for node in nodes]
-        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        try:
+            replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        except Exception as exc:  # the SuperLink failed mid-round (seen: its SQLite locked)
+            # The shared adapter stays as it was; the next round starts afresh (late replies
+            # to this one are for messages nobody waits on any more).
+            self._log({"event": "round", "round": round_number, "nodes": len(nodes),
+                       "error": f"{type(exc).__name__}: {exc}"[:300],
+                       "seconds": round(time.monotonic() - started, 1)})
+            return
         accepted, norms, declined, refused = {}, {}, {}, {}
         for reply in replies:
             node = str(reply.metadata.src_node_id)

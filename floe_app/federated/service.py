@@ -362,6 +362,9 @@ class Operator:
 
 def describe(entry: dict) -> str:
     """One line of the operator's round log."""
+    if "error" in entry:
+        return (f"round {entry['round']}: failed ({entry['error']}); the shared adapter is"
+                " unchanged")
     if entry.get("event") == "final":
         refused = f", refused by {len(entry['refused'])}" if entry["refused"] else ""
         return (f"final shared adapter (round {entry['round']}) sent to {entry['nodes']}"
