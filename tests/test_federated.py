@@ -32,7 +32,7 @@ def plan_for(engine, **changes):
 
 
 def base_of(engine) -> client.LocalBase:
-    return client.LocalBase(Path("model.gguf"), dict(engine.metadata))
+    return client.LocalBase(bundled_model_path(), dict(engine.metadata))
 
 
 def shared_arrays(engine, rank=8, seed=0, scale=0.0):
@@ -217,7 +217,7 @@ def install(session, engine, tmp_path, seed=4):
               for m, (b, a) in shared.items()}
     plan = plan_for(engine)
     return client.install_shared(session.paths, session.store, shared, plan, 4,
-                                  base_of(engine))
+                                  base_of(engine), perplexity_margin=1.0)
 
 
 def test_the_chat_composes_personal_and_shared_adapters(session, engine, tmp_path):
@@ -310,3 +310,16 @@ def test_private_conversations_from_the_command_line(paths, store, config, capsy
     assert len(client.shareable(config, store.taught_replies(shareable=True))) == 2
     assert main(["private", "999"]) == 1
     assert "no conversation 999" in capsys.readouterr().err
+
+
+def test_a_shared_adapter_that_harms_general_text_is_refused(session, engine):
+    """What DP noise in a small federation produces: refused, nothing kept."""
+    shared = rounds.initial(rounds.model_shapes(engine.metadata), 8, 5)
+    rng = np.random.default_rng(5)
+    noisy = {m: ((0.5 * rng.standard_normal(b.shape)).astype(np.float32), a)
+             for m, (b, a) in shared.items()}
+    with pytest.raises(client.Declined, match=r"perplexity rose \+\d+.*limit \+5%"):
+        client.install_shared(session.paths, session.store, noisy, plan_for(engine), 8,
+                              base_of(engine), perplexity_margin=0.05)
+    assert session.store.shared_adapters() == []
+    assert list((session.paths.data_dir / "shared").iterdir()) == []

@@ -300,6 +300,15 @@ class LocalEngine:
         logits = self._lib.llama_get_logits_ith(llm._ctx.ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
 
+    def perplexity(self, text: str) -> float:
+        """exp(mean negative log-likelihood) of `text` as plain text, one token at a time
+        (each step reuses the cache: about as fast as decoding it)."""
+        tokens = self.tokenize(text, special=False)
+        with self.lock:
+            nll = [-float(log_softmax(self._eval(tokens[:i]))[tokens[i]])
+                   for i in range(1, len(tokens))]
+        return float(np.exp(np.mean(nll)))
+
     def next_token_logprobs(self, tokens: list[int]) -> np.ndarray:
         """Log-probabilities of every vocabulary token following `tokens` (sums to 1)."""
         with self.lock:

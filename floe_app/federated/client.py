@@ -125,9 +125,14 @@ def check_shared(shared_arrays: dict[str, np.ndarray], plan: RoundPlan,
 
 
 def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: RoundPlan,
-                   rank: int, base: LocalBase) -> Path | None:
-    """Keep the shared adapter at this device's rank for the chat (None while it is zero)."""
+                   rank: int, base: LocalBase, perplexity_margin: float) -> Path | None:
+    """Keep the shared adapter at this device's rank for the chat (None while it is zero).
+
+    Like a personal version, it must not raise general-text perplexity by more than
+    `perplexity_margin` (llama.cpp, the gate's paragraph): a federation's adapter drowned
+    in DP noise, or a poisoned one, is refused and the chat keeps what it had."""
     from floe_app.personalize.export import peft_state, write_gguf_adapter
+    from floe_app.personalize.job import bundled_text
     from floe_app.personalize.registry import sha256_of
     from floe_app.personalize.trainer import base_model_of
 
@@ -137,6 +142,18 @@ def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: Roun
     folder = paths.data_dir / "shared"
     staged = write_gguf_adapter(folder / "incoming.gguf", peft_state(start), alpha=rank,
                                 base=base_model_of(base.metadata))
+    engine = LocalEngine.load(base.path, threads=2, context_tokens=1024)
+    try:
+        text = bundled_text("general_text.txt")
+        before = engine.perplexity(text)
+        engine.set_adapter(staged)
+        rise = engine.perplexity(text) / before - 1
+    finally:
+        engine.close()
+    if rise > perplexity_margin:
+        staged.unlink()
+        raise Declined(f"refused the shared adapter: general-text perplexity rose {rise:+.1%}"
+                       f" (limit {perplexity_margin:+.0%})")
     digest = sha256_of(staged)
     target = folder / f"shared-{digest[:16]}.gguf"
     staged.replace(target)
@@ -174,7 +191,7 @@ def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
     base = LocalBase.read(model_path)
     shared = check_shared(shared_arrays, plan, base)
     rank = min(node_rank, plan.rank)
-    install_shared(paths, store, shared, plan, rank, base)
+    install_shared(paths, store, shared, plan, rank, base, config.learning.perplexity_margin)
     noise = max(plan.noise_multiplier, config.federation.min_noise_multiplier)
     spent = spent_multipliers(store)
     after = dp.epsilon([*spent, noise], config.federation.delta)

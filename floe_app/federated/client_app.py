@@ -7,10 +7,13 @@ for the ledger). Everything a device decides is in client.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from floe_app.config import load_config
 from floe_app.engine.local import resolve_model_path
 from floe_app.errors import FloeError
 from floe_app.federated.client import (
@@ -36,9 +39,7 @@ def _node(context: Context) -> tuple[Paths, int, str]:
         str(context.node_config.get("federation", "federation"))
 
 
-def _model_path(paths: Paths) -> object:
-    from floe_app.config import load_config
-
+def _model_path(paths: Paths) -> Path:
     return resolve_model_path(load_config(paths)[0].model.path or None)
 
 
@@ -71,7 +72,9 @@ def install(message: Message, context: Context) -> Message:
         plan = RoundPlan.from_record(message.content["config"], federation, context.run_id)
         base = LocalBase.read(_model_path(paths))
         shared = check_shared(_arrays(message.content["shared"]), plan, base)
-        installed = install_shared(paths, store, shared, plan, min(rank, plan.rank), base)
+        margin = load_config(paths)[0].learning.perplexity_margin
+        installed = install_shared(paths, store, shared, plan, min(rank, plan.rank), base,
+                                   margin)
     except Declined as exc:
         store.add_federation_round(federation=federation, run_id=str(context.run_id),
                                    round_number=None, rank=rank, examples=0, bytes_sent=0,
