@@ -11,6 +11,8 @@ hand it over. Opting out between training and sending still stops the upload.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import secrets
@@ -142,12 +144,21 @@ def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: Roun
     folder = paths.data_dir / "shared"
     staged = write_gguf_adapter(folder / "incoming.gguf", peft_state(start), alpha=rank,
                                 base=base_model_of(base.metadata))
+    text = bundled_text("general_text.txt")
+    # The base model's perplexity never changes: computed once per device and kept.
+    known = paths.cache_dir / "federation-base-perplexity.json"
+    key = hashlib.sha256(f"{base.identity}\n{text}".encode()).hexdigest()
+    try:
+        saved = json.loads(known.read_text())
+    except (OSError, ValueError):
+        saved = {}
     engine = LocalEngine.load(base.path, threads=2, context_tokens=1024)
     try:
-        text = bundled_text("general_text.txt")
-        before = engine.perplexity(text)
+        if key not in saved:
+            saved = {key: engine.perplexity(text)}
+            known.write_text(json.dumps(saved))
         engine.set_adapter(staged)
-        rise = engine.perplexity(text) / before - 1
+        rise = engine.perplexity(text) / saved[key] - 1
     finally:
         engine.close()
     if rise > perplexity_margin:
