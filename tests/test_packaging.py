@@ -35,7 +35,10 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in doctor.stdout
     check = ("from floe_app.paths import assets_dir; import floe_app.hookspecs;"
              "import floe_app.tui.app;"
-             "assert (assets_dir() / 'floe.tcss').is_file(), assets_dir()")
+             "assert (assets_dir() / 'floe.tcss').is_file(), assets_dir();"
+             "from floe_app.federated.service import bundle_dir as b;"
+             "assert (b() / 'pyproject.toml').is_file() and"
+             " (b() / 'floe_bundle' / 'client.py').is_file(), b()")
     packaged = subprocess.run([str(python), "-c", check], capture_output=True, text=True,
                               env=env, cwd=tmp_path)
     assert packaged.returncode == 0, packaged.stderr

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -152,7 +151,7 @@ def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: Roun
         saved = json.loads(known.read_text())
     except (OSError, ValueError):
         saved = {}
-    engine = LocalEngine.load(base.path, threads=2, context_tokens=1024)
+    engine = LocalEngine.load(base.path, threads=training_threads(paths), context_tokens=1024)
     try:
         if key not in saved:
             saved = {key: engine.perplexity(text)}
@@ -229,6 +228,12 @@ def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
     return upload
 
 
+def training_threads(paths: Paths) -> int:
+    """CPU threads a round may use: the training tier's (learning.threads caps them)."""
+    learning = load_config(paths)[0].learning
+    return choose_tier(probe(), learning.tier, learning.threads)[0].threads
+
+
 def _opted_in(paths: Paths) -> Config:
     config, _ = load_config(paths)
     if not config.federation.enabled:
@@ -259,7 +264,6 @@ def record_upload(store: Store, plan: RoundPlan, upload: Upload) -> None:
 def _train(paths: Paths, model_path: Path, plan: RoundPlan, shared: rounds.Shared, rank: int,
            dataset: Any) -> dict[str, np.ndarray]:
     """The change this device makes to B in `plan.steps` steps (A frozen)."""
-    os.nice(10)  # this ClientApp process only: the user's work (and the SuperLink) first
     from floe_app.personalize.export import peft_factors
     from floe_app.personalize.job import bundled_text
     from floe_app.personalize.trainer import TrainConfig, load_base, train_lora

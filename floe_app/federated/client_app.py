@@ -7,6 +7,7 @@ for the ledger). Everything a device decides is in client.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ app = ClientApp()
 
 
 def _node(context: Context) -> tuple[Paths, int, str]:
+    os.nice(10)  # this ClientApp process: the user's work (and the SuperLink) come first
     home = str(context.node_config.get("floe-home", ""))
     paths = resolve_paths({"FLOE_HOME": home} if home else None).ensure()
     return paths, int(context.node_config.get("rank", 4)), \
