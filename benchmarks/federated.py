@@ -268,18 +268,12 @@ def quality(users: int, rounds_n: int, steps: int, base_cache: Path) -> None:
         return "".join(s.text for s in engine.generate(
             tokens, Sampling(temperature=0, max_tokens=32)))
 
-    def answer_logprob(question: str, answer: str) -> float:
-        prompt = engine.chat_tokens([{"role": "user", "content": question}])
-        tokens = engine.tokenize(answer)
-        return float(np.mean([engine.next_token_logprobs(prompt + tokens[:i])[t]
-                              for i, t in enumerate(tokens)]))
-
     def community(adapter_of) -> tuple[float, ...]:
         """Means over users of evaluate_one, each user's model given by adapter_of(user)."""
         scores = []
         for user in range(users):
             engine.set_adapter(adapter_of(user))
-            scores.append(evaluate_one(user, users, ask, answer_logprob))
+            scores.append(evaluate_one(user, users, ask, engine.answer_logprob))
         engine.set_adapter(None)
         return tuple(float(np.mean(column)) for column in zip(*scores, strict=True))
 

@@ -25,7 +25,7 @@ from floe_app.paths import resolve_paths
 from floe_app.personalize.export import read_gguf_adapter
 from floe_app.session import ChatSession
 from floe_app.store import Store
-from tests.wire import RecordingProxy
+from tests.support.proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -90,16 +90,6 @@ def device(root: Path, name: str, address: str, base_cache: Path, tier: str = "s
     return home
 
 
-def answer_logprob(engine, question: str, answer: str) -> float:
-    """Mean log-probability of the answer's tokens after the question."""
-    prompt = engine.chat_tokens([{"role": "user", "content": question}])
-    answer_tokens = engine.tokenize(answer)
-    total = 0.0
-    for i, token in enumerate(answer_tokens):
-        total += float(engine.next_token_logprobs(prompt + answer_tokens[:i])[token])
-    return total / len(answer_tokens)
-
-
 def wait_for(predicate, timeout: float, what: str, serve: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -123,7 +113,7 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
 
     load_base(bundled_model_path(), base_cache)  # dequantized once, before four devices need it
     port = free_port()
-    proxy = RecordingProxy(port)  # device 1 talks through it
+    proxy = FaultProxy("127.0.0.1", port)  # device 1 talks through it; it keeps what it sends
     address = f"127.0.0.1:{port}"
     homes = [device(tmp_path, f"device{i + 1}", f"127.0.0.1:{proxy.port}" if i == 0
                     else address, base_cache, TIERS[i], GLOSSARY[i], PERSONAL[i])
@@ -224,20 +214,20 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
         config, _ = load_config(paths)
         session = ChatSession(store, config, paths=paths)
         try:
-            before = [answer_logprob(engine, q, a) for q, a in GLOSSARY]
+            before = [engine.answer_logprob(q, a) for q, a in GLOSSARY]
             session.sync_adapter(engine)
             assert engine.adapter_path is not None
             assert engine.adapter_path.name.startswith("shared-")
-            after = [answer_logprob(engine, q, a) for q, a in GLOSSARY]
+            after = [engine.answer_logprob(q, a) for q, a in GLOSSARY]
             gains = np.array(after) - np.array(before)
             others = [g for j, g in enumerate(gains) if j != i]
             assert min(others) > 0, f"device {i + 1}: glossary gains {gains}"
             # Personal facts stay personal: another device's pet is no likelier than before.
             if i == 0:
                 engine.set_adapter(None)
-                pet_before = answer_logprob(engine, "What is my cat called?", "Tomble")
+                pet_before = engine.answer_logprob("What is my cat called?", "Tomble")
                 session.sync_adapter(engine)
-                pet_after = answer_logprob(engine, "What is my cat called?", "Tomble")
+                pet_after = engine.answer_logprob("What is my cat called?", "Tomble")
                 assert pet_after - pet_before < 0.5 * min(others)
                 register(session.registry, engine, tmp_path, 1)
                 session.sync_adapter(engine)
@@ -251,7 +241,7 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
             store.close()
 
 
-def check_wire(proxy: RecordingProxy, ledger: list, texts: list[str]) -> None:
+def check_wire(proxy: FaultProxy, ledger: list, texts: list[str]) -> None:
     from flwr.proto.message_pb2 import PushObjectRequest
     from flwr.supercore.inflatable.inflatable_object import get_object_type_from_object_content
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents

@@ -300,14 +300,22 @@ class LocalEngine:
         logits = self._lib.llama_get_logits_ith(llm._ctx.ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
 
-    def perplexity(self, text: str) -> float:
-        """exp(mean negative log-likelihood) of `text` as plain text, one token at a time
-        (each step reuses the cache: about as fast as decoding it)."""
-        tokens = self.tokenize(text, special=False)
+    def continuation_logprobs(self, prefix: list[int], tokens: list[int]) -> list[float]:
+        """Log-probability of each of `tokens` after `prefix` and the ones before it, one
+        token at a time (each step reuses the cache: about as fast as decoding them)."""
         with self.lock:
-            nll = [-float(log_softmax(self._eval(tokens[:i]))[tokens[i]])
-                   for i in range(1, len(tokens))]
-        return float(np.exp(np.mean(nll)))
+            return [float(log_softmax(self._eval(prefix + tokens[:i]))[token])
+                    for i, token in enumerate(tokens)]
+
+    def perplexity(self, text: str) -> float:
+        """exp(mean negative log-likelihood) of `text` as plain text."""
+        tokens = self.tokenize(text, special=False)
+        return float(np.exp(-np.mean(self.continuation_logprobs(tokens[:1], tokens[1:]))))
+
+    def answer_logprob(self, question: str, answer: str) -> float:
+        """Mean log-probability per token of `answer` as the reply to `question`."""
+        prompt = self.chat_tokens([{"role": "user", "content": question}])
+        return float(np.mean(self.continuation_logprobs(prompt, self.tokenize(answer))))
 
     def next_token_logprobs(self, tokens: list[int]) -> np.ndarray:
         """Log-probabilities of every vocabulary token following `tokens` (sums to 1)."""

@@ -215,9 +215,7 @@ def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
     try:
         with training_lock(paths.data_dir):
             delta = _train(paths, model_path, plan, shared, rank, dataset)
-    except FloeError as exc:
-        if isinstance(exc, Declined):
-            raise
+    except FloeError as exc:  # the lock: personal training is running
         raise Declined(f"busy: {exc}") from None
     noised, _ = dp.privatize(delta, plan.clip_norm, noise,
                              np.random.default_rng(secrets.randbits(128)))

@@ -122,9 +122,10 @@ class Federation:
         for round_number in range(self.done + 1, self.settings.rounds + 1):
             self.round(grid, round_number)
         nodes = self._nodes(grid)
+        payload = self._payload(self.settings.rounds)  # one for all (content-addressed)
         replies = grid.send_and_receive(
-            [Message(self._payload(self.settings.rounds), node, "evaluate")
-             for node in nodes], timeout=self.settings.round_timeout)
+            [Message(payload, node, "evaluate") for node in nodes],
+            timeout=self.settings.round_timeout)
         self._log({"event": "final", "round": self.settings.rounds, "nodes": len(nodes),
                    "installed": sum(1 for r in replies if not r.has_error()),
                    "refused": [r.error.reason for r in replies if r.has_error()]})
@@ -132,8 +133,9 @@ class Federation:
     def round(self, grid: Grid, round_number: int) -> None:
         started = time.monotonic()
         nodes = self._nodes(grid)
-        messages = [Message(self._payload(round_number), node, "train",
-                            group_id=str(round_number)) for node in nodes]
+        payload = self._payload(round_number)
+        messages = [Message(payload, node, "train", group_id=str(round_number))
+                    for node in nodes]
         try:
             replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
         except Exception as exc:  # the SuperLink failed mid-round (seen: its SQLite locked)

@@ -84,7 +84,6 @@ class SyncState:
     address: str
     rank: int
     port: int
-    started_at: float
 
 
 def _sync_file(paths: Paths) -> Path:
@@ -184,7 +183,7 @@ def start_sync(paths: Paths, config: Config, rank: int) -> SyncState:
                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                start_new_session=True)
     log.close()
-    state = SyncState(process.pid, config.federation.address, rank, port, time.time())
+    state = SyncState(process.pid, config.federation.address, rank, port)
     _sync_file(paths).write_text(json.dumps(asdict(state)))
     try:
         wait_for_port("127.0.0.1", port, 30, process)
@@ -206,7 +205,7 @@ def run_sync(paths: Paths, config: Config, rank: int) -> str:
     command = supernode_command(paths, config, rank, port)
     # exec keeps this pid: `floe sync status` and `stop` find the SuperNode by it.
     _sync_file(paths).write_text(json.dumps(asdict(SyncState(
-        os.getpid(), config.federation.address, rank, port, time.time()))))
+        os.getpid(), config.federation.address, rank, port))))
     os.execve(command[0], command, flower_env(paths.data_dir / "flwr"))
     raise AssertionError("exec returned")  # (never: execve replaces this process)
 

@@ -3,6 +3,7 @@
 Faults: a one-way delay on every byte in both directions (an emulated round-trip time of
 twice the delay, throughput untouched), a response that stalls after N bytes, a connection
 reset after N bytes, and an immediate HTTP error status (429, 500) without asking the server.
+It also keeps every byte clients send (`sent`), and reads the HTTP requests in them back.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.faults = Faults()
         self.connections = 0
+        self.sent: list[bytearray] = []  # per connection, what the client sent upstream
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
@@ -77,8 +79,10 @@ class FaultProxy:
                 await self._answer_status(reader, writer, faults.status)
                 return
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            record = bytearray()
+            self.sent.append(record)
             await asyncio.gather(
-                self._pipe(reader, up_writer, faults, downstream=None),
+                self._pipe(reader, up_writer, faults, downstream=None, record=record),
                 self._pipe(up_reader, writer, faults, downstream=writer),
                 return_exceptions=True)
             up_writer.close()
@@ -102,7 +106,8 @@ class FaultProxy:
         await writer.drain()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    faults: Faults, downstream: asyncio.StreamWriter | None) -> None:
+                    faults: Faults, downstream: asyncio.StreamWriter | None,
+                    record: bytearray | None = None) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def deliver() -> None:
@@ -130,7 +135,28 @@ class FaultProxy:
         task = asyncio.ensure_future(deliver())
         try:
             while chunk := await reader.read(65536):
+                if record is not None:
+                    record += chunk
                 queue.put_nowait((time.monotonic() + faults.delay_s, chunk))
         finally:
             queue.put_nowait((0.0, b""))
         await task
+
+    def requests(self) -> list[tuple[str, bytes]]:
+        """(path, body) of every complete HTTP/1.1 request clients sent so far."""
+        found = []
+        for stream in [bytes(s) for s in list(self.sent)]:
+            at = 0
+            while (end := stream.find(b"\r\n\r\n", at)) != -1:
+                head = stream[at:end].decode("latin-1").split("\r\n")
+                length = 0
+                for line in head[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = stream[end + 4:end + 4 + length]
+                if len(body) < length:
+                    break  # still arriving
+                found.append((head[0].split(" ")[1], body))
+                at = end + 4 + length
+        return found
