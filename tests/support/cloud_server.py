@@ -1,8 +1,10 @@
-"""llama-cpp-python's OpenAI-compatible server on 127.0.0.1, serving gemma-3-270m.
+"""llama-cpp-python's OpenAI-compatible server on 127.0.0.1, serving gemma-3-270m by default.
 
 gemma has a different tokenizer from SmolLM2, which makes it a fair stand-in for a cloud
-LLM. The server is started through this module so that it gets the same AMX workaround
-as Floe's own model loads (`python -m tests.support.cloud_server ARGS...`).
+LLM. Any other GGUF can be served under an alias of its own, e.g. the Qwen2.5-Coder instruct
+models of `tests.support.models` with `chat_format="chatml"` (`qwen_server`). The server is
+started through this module so that it gets the same AMX workaround as Floe's own model
+loads (`python -m tests.support.cloud_server ARGS...`).
 """
 
 from __future__ import annotations
@@ -41,15 +43,18 @@ class CloudServer:
     """A running server process; `base_url` ends in /v1 as OpenAI clients expect."""
 
     def __init__(self, model: Path, threads: int = 1, context: int = 1024,
-                 chat_format: str | None = None) -> None:
+                 chat_format: str | None = None, alias: str = "gemma-3-270m",
+                 log: Path | None = None) -> None:
+        self.alias = alias
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the server
+        # Lives as long as the server.
+        self.log = open(log or os.devnull, "w")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.cloud_server", "--model", str(model),
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(context),
              "--n_threads", str(threads), "--n_threads_batch", str(threads),
-             "--logits_all", "true", "--model_alias", "gemma-3-270m",
+             "--logits_all", "true", "--model_alias", alias,
              # gemma's own template makes the base model stream no chat content; ChatML does.
              *(["--chat_format", chat_format] if chat_format else [])],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
@@ -76,6 +81,15 @@ class CloudServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+def qwen_server(cache_dir: Path, size: str = "1.5b", threads: int = 1, context: int = 2048,
+                log: Path | None = None) -> CloudServer:
+    """Qwen2.5-Coder-{size}-Instruct with its ChatML template, named `qwen2.5-{size}-instruct`."""
+    from tests.support.models import qwen_alias, qwen_path
+
+    return CloudServer(qwen_path(cache_dir, size), threads=threads, context=context,
+                       chat_format="chatml", alias=qwen_alias(size), log=log)
 
 
 def top_sorted(iterable, *, key=None, reverse=False):
