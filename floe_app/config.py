@@ -86,6 +86,17 @@ class ChatSettings:
     )
 
 
+# Servers and providers with a preset (engine/profiles.py says what each one does).
+PROVIDERS = ("openai", "vllm", "sglang", "llama.cpp", "llama-cpp-python", "ollama", "tgi",
+             "together", "groq")
+CONTINUATIONS = ("prefill", "continue_final", "raw_prompt", "none")
+PROMPT_FORMATS = ("chatml", "gemma", "llama3", "transcript")
+# Keys earlier versions wrote into every config file; dropped silently, and from the file
+# at the next save (cloud.api became cloud.endpoint; the misses and restarts caps became
+# fusion.max_requests and the per-reply wait budget).
+RETIRED_KEYS = {"cloud.api", "fusion.max_misses", "fusion.max_restarts"}
+
+
 @dataclass
 class CloudSettings:
     base_url: str = field(
@@ -99,10 +110,34 @@ class CloudSettings:
         metadata=_rule("a model name the endpoint serves", lambda v: True,
                        "cloud model (env FLOE_CLOUD_MODEL wins)"),
     )
-    api: str = field(
-        default="completions",
-        metadata=_rule('"completions" or "chat"', lambda v: v in ("completions", "chat"),
-                       "which endpoint to stream from: /v1/completions or /v1/chat/completions"),
+    provider: str = field(
+        default="auto",
+        metadata=_rule(
+            '"auto" or one of ' + ", ".join(f'"{p}"' for p in PROVIDERS),
+            lambda v: v == "auto" or v in PROVIDERS,
+            "what serves the cloud: auto probes it once (floe cloud probe), a name uses"
+            " that server's documented behaviour"),
+    )
+    endpoint: str = field(
+        default="auto",
+        metadata=_rule('"auto", "chat" or "completions"',
+                       lambda v: v in ("auto", "chat", "completions"),
+                       "stream from /v1/chat/completions or /v1/completions (auto: the"
+                       " provider's or the probe's choice)"),
+    )
+    continuation: str = field(
+        default="auto",
+        metadata=_rule('"auto", "prefill", "continue_final", "raw_prompt" or "none"',
+                       lambda v: v in ("auto", *CONTINUATIONS),
+                       "how the cloud continues a partial reply: chat prefill, vLLM's"
+                       " continue_final_message, a raw completions prompt, or not at all"),
+    )
+    prompt_format: str = field(
+        default="auto",
+        metadata=_rule('"auto", "chatml", "gemma", "llama3" or "transcript"',
+                       lambda v: v in ("auto", *PROMPT_FORMATS),
+                       "the cloud model's chat template for raw completions prompts (auto:"
+                       " from the model name; transcript for base models)"),
     )
     api_key_env: str = field(
         default="OPENAI_API_KEY",
@@ -112,7 +147,7 @@ class CloudSettings:
     top_logprobs: int = field(
         default=20,
         metadata=_rule("a whole number from 1 to 20", lambda v: 1 <= v <= 20,
-                       "alternatives per cloud token (OpenAI allows at most 20, 5 on completions)"),
+                       "alternatives per cloud token asked for (a cloud's lower limit is probed)"),
     )
     timeout_s: float = field(
         default=15.0,
@@ -124,9 +159,20 @@ class CloudSettings:
 @dataclass
 class FusionSettings:
     deadline_ms: int = field(
-        default=120,
+        default=600,
         metadata=_rule("a whole number from 5 to 5000", lambda v: 5 <= v <= 5000,
-                       "longest wait for the cloud at one token; then the local token goes alone"),
+                       "longest wait for the cloud at one token where the local model is"
+                       " unsure; where it is sure, or at the first token, it never waits"),
+    )
+    wait_budget_ms: int = field(
+        default=1500,
+        metadata=_rule("a whole number from 0 to 60000", lambda v: 0 <= v <= 60000,
+                       "longest total wait for the cloud in one reply"),
+    )
+    sure_prob: float = field(
+        default=0.9,
+        metadata=_rule("a number from 0.5 to 1", lambda v: 0.5 <= v <= 1,
+                       "the local model counts as sure of a token at this probability"),
     )
     form: str = field(
         default="log_linear",
@@ -134,14 +180,14 @@ class FusionSettings:
                        "how distributions combine: weighted log-linear, or proxy-tuning"),
     )
     lambda_min: float = field(
-        default=0.2,
+        default=0.3,
         metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
-                       "cloud weight where the local model is sure"),
+                       "cloud weight where the cloud is unsure"),
     )
     lambda_max: float = field(
-        default=0.8,
+        default=0.9,
         metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
-                       "cloud weight where the local model is unsure"),
+                       "cloud weight where the cloud is sure and nothing private is at stake"),
     )
     beta: float = field(
         default=1.0,
@@ -153,15 +199,11 @@ class FusionSettings:
         metadata=_rule("a whole number from 100 to 60000", lambda v: 100 <= v <= 60000,
                        "how long the cloud may take to start answering before it is given up"),
     )
-    max_misses: int = field(
-        default=8,
-        metadata=_rule("a whole number from 1 to 1000", lambda v: 1 <= v <= 1000,
-                       "tokens in a row the answering cloud misses before the reply goes local"),
-    )
-    max_restarts: int = field(
-        default=24,
-        metadata=_rule("a whole number from 0 to 1000", lambda v: 0 <= v <= 1000,
-                       "cloud requests restarted in one reply before it goes local-only"),
+    max_requests: int = field(
+        default=3,
+        metadata=_rule("a whole number from 1 to 50", lambda v: 1 <= v <= 50,
+                       "billed cloud requests in one reply, at most; then the reply"
+                       " re-aligns to the cloud's text it has, or goes on locally"),
     )
 
 
@@ -341,6 +383,8 @@ def parse_config(raw: dict[str, Any], origin: str = "config.toml") -> tuple[Conf
             continue
         for name, value in values.items():
             spec = specs.get(f"{section}.{name}")
+            if spec is None and f"{section}.{name}" in RETIRED_KEYS:
+                continue
             if spec is None:
                 warnings.append(f"{origin}: unknown key {section}.{name} is ignored")
                 continue
@@ -384,6 +428,11 @@ def write_config(paths: Paths, config: Config) -> Path:
     if doc is None:
         doc = tomlkit.document()
         doc.add(tomlkit.comment("Floe settings. Delete a key to go back to its default."))
+    for key in RETIRED_KEYS:
+        section, name = key.split(".")
+        table = doc.get(section)
+        if isinstance(table, dict) and name in table:
+            del table[name]
     for spec in setting_specs():
         table = doc.get(spec.section)
         if not isinstance(table, dict):

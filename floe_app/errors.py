@@ -15,3 +15,8 @@ class ModelError(FloeError):
 
 class StoreBusyError(FloeError):
     """Another Floe process holds the database's write lock for too long."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most `limit` characters."""
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:limit]

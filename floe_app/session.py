@@ -8,13 +8,14 @@ writes the reply to the database while it streams.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,14 @@ from floe_app.engine.cloud import (
     OK,
     CloudClient,
     CloudTarget,
+    CloudUnavailable,
     LedgerEntry,
     Recorder,
 )
 from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats
 from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback, resolve_model_path
+from floe_app.engine.probe import probe
+from floe_app.engine.profiles import CloudProfile, ProfileCache
 from floe_app.engine.redact import Redactor, Restorer, private_terms
 from floe_app.engine.sampling import Sampling
 from floe_app.errors import FloeError, ModelError
@@ -435,22 +439,49 @@ class ChatSession:
         return wanted, None
 
     def cloud_client(self, target: CloudTarget) -> CloudClient:
-        """One client per target, kept so that its connections are reused."""
+        """One client per target, kept so that its connections (and profile) are reused."""
         if self._cloud_client is None or self._cloud_client.target != target:
-            self._cloud_client = CloudClient(target)
+            cache = ProfileCache(self.paths.cache_dir / "cloud_profiles.json")
+            self._cloud_client = CloudClient(target, cache)
         return self._cloud_client
 
     def warm_cloud(self) -> None:
-        """Set the cloud client up in the background if replies will use it."""
+        """Set the cloud client up, and learn its profile, in the background if replies
+        will use it (a first probe is a few tiny requests, each in the ledger)."""
         target = self.cloud_target()
         if target is not None and self.resolve_mode(None)[0] != "local":
-            threading.Thread(target=self.cloud_client(target).warm, daemon=True).start()
+            client = self.cloud_client(target)
 
-    def _ledger_recorder(self, conversation_id: int, purpose: str) -> Recorder:
+            def warm() -> None:
+                client.warm()
+                with contextlib.suppress(CloudUnavailable):  # the reply will say why
+                    client.profile(self._ledger_recorder(None, "probe"))
+            threading.Thread(target=warm, daemon=True).start()
+
+    def probe_cloud(self) -> CloudProfile:
+        """Probe the configured cloud now (`floe cloud probe`, settings' Test connection).
+        Raises FloeError with the reason when it cannot be used."""
+        target = self.cloud_target()
+        if target is None:
+            raise FloeError("no cloud is configured (cloud.base_url and cloud.model, or"
+                            " FLOE_CLOUD_BASE_URL and FLOE_CLOUD_MODEL)"
+                            + ("; local-only is on" if self.config.privacy.local_only else ""))
+        client = self.cloud_client(target)
+        try:
+            if target.provider != "auto":  # a preset: still show what the cloud really does
+                found = probe(client, self._ledger_recorder(None, "probe"))
+                return replace(found, notes=(*found.notes, "in use: "
+                                             + (client.known_profile or found).describe()))
+            return client.profile(self._ledger_recorder(None, "probe"), force=True)
+        except CloudUnavailable as exc:
+            raise FloeError(f"cloud {target.base_url} ({target.model}): {exc}") from exc
+
+    def _ledger_recorder(self, conversation_id: int | None, purpose: str) -> Recorder:
         def record(entry: LedgerEntry) -> Callable[[LedgerEntry], None]:
             ledger_id = self.store.record_request(
                 endpoint=entry.endpoint, model=entry.model, text_sent=entry.text_sent,
-                bytes_sent=entry.bytes_sent, conversation_id=conversation_id, purpose=purpose)
+                bytes_sent=entry.bytes_sent, conversation_id=conversation_id,
+                purpose=entry.purpose or purpose)
             return lambda done: self.store.finish_request(
                 ledger_id, bytes_received=done.bytes_received, outcome=done.outcome)
         return record
@@ -490,7 +521,8 @@ class ChatSession:
         for notice in prompt.notices:
             yield Notice(notice)
         stats = GenerationStats()
-        run = ReplyRun(mode=mode, stats=stats, clipped=bool(prompt.notices))
+        run = ReplyRun(mode=mode, stats=stats, clipped=bool(prompt.notices),
+                       private=bool(notes))
         self.last_run = run  # per-token timings, for benchmarks and diagnostics
         if mode == "local":
             pieces: Iterator[str | Notice] = (
@@ -519,18 +551,29 @@ class ChatSession:
                       sampling: Sampling, cancel: threading.Event | None
                       ) -> Iterator[str | Notice]:
         assert run.redactor is not None and run.fusion is not None
-        base_logprobs = None
-        if self.config.fusion.form == "proxy" and self.private_context:
-            # The same model without the private context, in its own llama.cpp context so
-            # the two prompts do not evict each other's cache.
+        profile = client.known_profile
+        if profile is not None and not profile.fusable:
+            # Nothing to fuse with: no request is sent, and the reply says so once.
+            run.fusion.breaker = run.fusion.method = profile.describe()
+            yield Notice(f"Replying locally: this cloud ({client.target.model}) streams no"
+                         " log-probabilities, so it cannot be fused; cloud mode (F4) shows its"
+                         " own text.")
+            for step in engine.generate(tokens, sampling, cancel, run.stats):
+                yield step.text
+            return
+        public_logprobs = None
+        if run.private or engine.adapter_path is not None:
+            # The same model without the private context and adapter, in its own llama.cpp
+            # context so the two prompts do not evict each other's cache: how much they
+            # move the local choice decides how far the cloud is trusted (fusion.py).
             base = self.base_engine()
             base_prompt = base.chat_tokens(run.public_messages)
 
-            def base_logprobs(generated: list[int]) -> np.ndarray:
+            def public_logprobs(generated: list[int]) -> np.ndarray:
                 return base.next_token_logprobs(base_prompt + generated)
 
         chooser = FusedChooser(engine.vocabulary(), client, cloud_messages, run.redactor,
-                               self.config.fusion, sampling, run.fusion, base_logprobs,
+                               self.config.fusion, sampling, run.fusion, public_logprobs,
                                run.recorder)
         shown = 0
         try:
@@ -539,6 +582,9 @@ class ChatSession:
                     yield Notice(chooser.notices[shown])
                     shown += 1
                 yield step.text
+            while shown < len(chooser.notices):
+                yield Notice(chooser.notices[shown])
+                shown += 1
         finally:
             chooser.close()
 
@@ -550,7 +596,7 @@ class ChatSession:
         assert run.fusion is not None
         stats = run.stats
         stream = client.stream(cloud_messages, "", max_tokens=sampling.max_tokens,
-                               recorder=run.recorder)
+                               recorder=run.recorder, logprobs=False)
         run.fusion.requests += 1
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stats.begin()
@@ -645,6 +691,7 @@ class ReplyRun:
     mode: str
     stats: GenerationStats
     clipped: bool = False
+    private: bool = False  # the local model saw private context the cloud does not
     redactor: Redactor | None = None
     fusion: FusionStats | None = None
     public_messages: list[dict[str, str]] = field(default_factory=list)

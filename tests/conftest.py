@@ -121,5 +121,7 @@ def cloud_config(config, proxy):
     """Greedy settings pointing at the cloud through the proxy."""
     config.cloud.base_url = proxy.base_url
     config.cloud.model = "gemma-3-270m"
+    # Its documented behaviour, so replies need no probe first (tests/test_probe.py probes).
+    config.cloud.provider = "llama-cpp-python"
     config.chat.max_tokens = 24
     return config

@@ -48,8 +48,8 @@ def local_text(make_session, config, text=QUESTION):
 
 def test_fused_reply_uses_the_cloud_and_records_every_request(make_session, cloud_config,
                                                               store):
-    cloud_config.fusion.deadline_ms = 2000  # wait for the cloud at every token: it must show
-    cloud_config.fusion.max_misses = 100
+    cloud_config.fusion.deadline_ms = 2000  # wait for the cloud at unsure tokens: it must show
+    cloud_config.fusion.wait_budget_ms = 60_000
     session = make_session(cloud_config)
     cid, done, _ = reply(session)
     cloud = done.stats["cloud"]
@@ -190,14 +190,19 @@ def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):
     assert stats["mode"] == "fused" and stats["cloud"]["requests"] >= 1
     assert {"agreed", "fused", "absent", "restarts", "bytes_sent", "bytes_received"} <= set(
         stats["cloud"])
-    ledger = json.loads(run_floe("ledger", "--json", env_home=home).stdout)
+    everything = json.loads(run_floe("ledger", "--json", env_home=home).stdout)
+    # provider "auto": the first use probed the cloud, and every probe request is recorded.
+    probes = [row for row in everything if row["purpose"] == "probe"]
+    ledger = [row for row in everything if row["purpose"] != "probe"]
+    assert 2 <= len(probes) <= 8 and all(row["outcome"] == "ok" for row in probes)
     assert len(ledger) == stats["cloud"]["requests"]
     assert QUESTION in ledger[0]["text_sent"]
+    assert "raw prompt in the transcript format" in stats["cloud"]["method"]
     text = run_floe("ledger", env_home=home).stdout
     assert "/v1/completions" in text and "sent" in text
     local = run_floe("ask", "--json", "--mode", "local", "hi", env_home=home, extra_env=env)
     assert json.loads(local.stdout)["stats"]["mode"] == "local"
-    assert len(json.loads(run_floe("ledger", "--json", env_home=home).stdout)) == len(ledger)
+    assert len(json.loads(run_floe("ledger", "--json", env_home=home).stdout)) == len(everything)
     assert os.environ.get("FLOE_CLOUD_BASE_URL") is None  # nothing leaked into this process
 
 
@@ -228,15 +233,17 @@ def test_chat_completions_api_streams_alternatives_and_fuses(make_session, confi
 
     server = CloudServer(gemma_path(tmp_path_factory.mktemp("gemma-chat")), chat_format="chatml")
     try:
-        client = CloudClient(CloudTarget(server.base_url, "gemma", api="chat", top_logprobs=5))
+        client = CloudClient(CloudTarget(server.base_url, "gemma", top_logprobs=5,
+                                         endpoint="chat"))
         stream = client.stream([{"role": "user", "content": QUESTION}], "", max_tokens=8)
         assert stream.wait_until(lambda: stream.done, 60) and stream.outcome == "ok"
         assert stream.tokens and all(len(t.top) >= 2 for t in stream.tokens)
         assert stream.entry.bytes_received > 0
-        config.cloud.base_url, config.cloud.model, config.cloud.api = (server.base_url,
-                                                                       "gemma", "chat")
+        config.cloud.base_url, config.cloud.model, config.cloud.endpoint = (server.base_url,
+                                                                            "gemma", "chat")
         _, done, _ = reply(make_session(config))
         assert done.status == "complete" and done.stats["cloud"]["requests"] >= 1
-        assert store.ledger()[0].endpoint.endswith("/v1/chat/completions")
+        rows = [row for row in store.ledger() if row.purpose != "probe"]
+        assert rows[0].endpoint.endswith("/v1/chat/completions")
     finally:
         server.stop()

@@ -14,6 +14,8 @@ from floe_app.engine.fusion import (
     cloud_weight,
     fuse_log_linear,
     fuse_proxy_tuning,
+    private_lift,
+    realign,
 )
 from floe_app.engine.sampling import log_softmax
 
@@ -104,16 +106,27 @@ def test_support_is_prefixes_and_extensions_never_special_tokens():
     assert VOCAB.supporting(b"\xff\xff").size == 0
 
 
-@given(logprob_vectors, st.floats(0, 1), st.floats(0, 1))
-def test_cloud_weight_stays_within_bounds(slm, a, b):
+@given(st.floats(0, 1), st.floats(0, 20), st.floats(0, 1), st.floats(0, 1))
+def test_cloud_weight_stays_within_bounds(confidence, lift, a, b):
     low, high = min(a, b), max(a, b)
-    assert low - 1e-12 <= cloud_weight(slm, low, high) <= high + 1e-12
+    assert 0 <= cloud_weight(confidence, lift, low, high) <= high + 1e-12
+    if lift <= 0.7:  # nothing private at stake: between the bounds
+        assert low - 1e-12 <= cloud_weight(confidence, lift, low, high)
 
 
-def test_cloud_weight_grows_with_slm_uncertainty():
-    sure = log_softmax(np.array([20.0] + [0.0] * 15))
-    unsure = log_softmax(np.zeros(16))
-    assert cloud_weight(sure, 0.1, 0.9) < 0.2 < 0.8 < cloud_weight(unsure, 0.1, 0.9)
+@given(st.floats(0, 1), st.floats(0, 5), st.floats(0, 5))
+def test_private_knowledge_takes_weight_from_the_cloud(confidence, lift_a, lift_b):
+    small, large = sorted((lift_a, lift_b))
+    assert cloud_weight(confidence, large, 0.3, 0.9) <= cloud_weight(confidence, small, 0.3, 0.9)
+    assert cloud_weight(confidence, 2.0, 0.3, 0.9) == 0.0  # 7x likelier from private context
+
+
+@given(logprob_vectors, logprob_vectors)
+def test_private_lift_is_the_gain_of_the_local_choice(local, public):
+    lift = private_lift(local, public)
+    top = int(np.argmax(local))
+    assert lift >= 0 and lift == pytest.approx(max(0.0, local[top] - public[top]))
+    assert private_lift(local, local) == 0.0
 
 
 @given(logprob_vectors, logprob_vectors, st.floats(0, 2))
@@ -156,7 +169,33 @@ def test_align_always_offers_the_rest_of_the_clouds_own_token(texts, data):
 
 
 def test_an_unsure_cloud_gets_less_weight():
-    unsure_slm = log_softmax(np.zeros(16))
-    assert cloud_weight(unsure_slm, 0.1, 0.9, cloud_confidence=0.0) == pytest.approx(0.1)
-    assert (cloud_weight(unsure_slm, 0.1, 0.9, cloud_confidence=0.3)
-            < cloud_weight(unsure_slm, 0.1, 0.9, cloud_confidence=0.9))
+    assert cloud_weight(0.0, 0.0, 0.1, 0.9) == pytest.approx(0.1)
+    assert cloud_weight(1.0, 0.0, 0.1, 0.9) == pytest.approx(0.9)
+    assert cloud_weight(0.3, 0.0, 0.1, 0.9) < cloud_weight(0.9, 0.0, 0.1, 0.9)
+
+
+def test_realign_finds_the_replys_last_words_in_the_clouds_answer():
+    cloud = b"The capital of Australia is Canberra, not Sydney. Canberra was chosen in 1908."
+    assert realign(b"Australia's capital is Canberra", cloud, 0) is None  # "capital is" absent
+    at = realign(b"The answer: Australia is Canberra", cloud, 0)
+    assert at == cloud.index(b", not")
+    # Mid-word: the reply's last word may be the start of the cloud's.
+    assert realign(b"of Australia is Canb", cloud, 0) == cloud.index(b"erra, not")
+    # Never inside a cloud word, never outside the window.
+    assert realign(b"apital of Australia", cloud, 0) is None
+    assert realign(b"was chosen in", cloud, 0, window=40) is None
+    assert realign(b"was chosen in", cloud, 40) == cloud.index(b" 1908")
+    assert realign(b"short", cloud, 0) is None  # too little to be sure
+
+
+@given(st.lists(st.sampled_from(["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta"]),
+                min_size=4, max_size=30), st.data())
+def test_realign_lands_right_after_the_matched_words(words, data):
+    cloud = " ".join(words).encode()
+    cut = data.draw(st.integers(3, len(words)))
+    reply = b"Well, " + " ".join(words[:cut]).encode()
+    at = realign(reply, cloud, 0, window=len(cloud))
+    tail = " ".join(words[max(0, cut - 3):cut]).encode()
+    assume(len(tail) >= 8)
+    assert at is not None and cloud[:at].endswith(tail)
+    assert at <= len(" ".join(words[:cut]))  # the first occurrence from the start

@@ -1,11 +1,15 @@
 """The real-time fused decoder: the SLM decodes, the cloud streams alongside, never blocking.
 
 At each position the SLM's distribution is ready first. If the cloud's stream has reached
-that point of the reply, its top-k is mapped onto the SLM vocabulary and fused; if it has
-not within the per-token deadline, the SLM's token goes alone. When the reply leaves the
-cloud's continuation, that stream is cancelled and a new one asked for from the new prefix,
-in the background. Repeated misses or a cloud failure trip a breaker: the rest of the
-reply is local, with a notice. The first token never waits for the cloud.
+that point of the reply, its top-k is mapped onto the SLM vocabulary and fused, weighted
+by the router in fusion.cloud_weight. The reply waits for the cloud only where the local
+model is unsure, never at the first token, and at most `wait_budget_ms` in all.
+
+When the reply leaves the cloud's text, a cloud that can continue a partial reply is asked
+again from the new prefix, up to `max_requests` billed requests per reply; one that cannot
+(OpenAI's chat API) is asked once, and the reply re-aligns to its answer where the reply's
+last words turn up in it. A cloud failure trips a breaker: the rest of the reply is local,
+with a notice.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from floe_app.engine.fusion import (
     cloud_weight,
     fuse_log_linear,
     fuse_proxy_tuning,
+    private_lift,
+    realign,
 )
 from floe_app.engine.redact import Redactor, safe_prefix
 from floe_app.engine.sampling import Sampling, sample_token
@@ -34,10 +40,12 @@ FAILURE_TEXT = {
     "auth": "the cloud refused the API key",
     "rate_limited": "the cloud is rate-limiting requests",
     "server_error": "the cloud had a server error",
-    "unsupported": "the cloud endpoint does not support streamed log-probabilities",
+    "unsupported": "the cloud refused the request (wrong model name, or an option it does"
+                   " not support: `floe cloud probe` checks)",
     "timeout": "the cloud timed out",
     "unreachable": "the cloud could not be reached",
     "broken_stream": "the cloud's stream broke off",
+    "malformed": "the cloud sent data Floe cannot read",
     "not_sent": "the privacy ledger could not record the request, so nothing was sent",
 }
 
@@ -47,20 +55,27 @@ class FusionStats:
     agreed: int = 0  # the cloud was there and backed the SLM's own first choice
     fused: int = 0  # the cloud was there and disagreed: fusion decided
     absent: int = 0  # no cloud distribution in time: the SLM's token alone
-    requests: int = 0
-    restarts: int = 0
+    overruled: int = 0  # fusion chose another token than the SLM's own first choice
+    requests: int = 0  # billed requests for this reply
+    restarts: int = 0  # of which asked again after the reply left the cloud's text
+    realigned: int = 0  # times the reply found its place in the cloud's answer again
+    waited_ms: float = 0.0  # the reply's total pause for the cloud
     bytes_sent: int = 0
     bytes_received: int = 0
     breaker: str = ""
+    method: str = ""  # the profile's one-line description
     fusion_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         total = max(1, self.agreed + self.fused + self.absent)
         return {
             "agreed": round(self.agreed / total, 3), "fused": round(self.fused / total, 3),
-            "absent": round(self.absent / total, 3), "requests": self.requests,
-            "restarts": self.restarts, "bytes_sent": self.bytes_sent,
+            "absent": round(self.absent / total, 3),
+            "overruled": round(self.overruled / total, 3), "requests": self.requests,
+            "restarts": self.restarts, "realigned": self.realigned,
+            "waited_ms": round(self.waited_ms, 1), "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received, "breaker": self.breaker,
+            "method": self.method,
         }
 
 
@@ -69,13 +84,21 @@ def diverged(written: bytes, cloud_text: bytes) -> bool:
     return written[:n] != cloud_text[:n]
 
 
+def common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class FusedChooser:
     """Chooses each token of one reply from the SLM fused with the cloud's stream."""
 
     def __init__(self, vocab: Vocabulary, client: CloudClient,
                  cloud_messages: list[dict[str, str]], redactor: Redactor,
                  settings: FusionSettings, sampling: Sampling, stats: FusionStats,
-                 base_logprobs: Callable[[list[int]], np.ndarray] | None = None,
+                 public_logprobs: Callable[[list[int]], np.ndarray] | None = None,
                  recorder: Recorder | None = None) -> None:
         self.vocab = vocab
         self.client = client
@@ -85,21 +108,30 @@ class FusedChooser:
         self.settings = settings
         self.sampling = sampling
         self.stats = stats
-        self.base_logprobs = base_logprobs  # the SLM without the user's adaptation (proxy)
+        # The SLM without the user's private context and adapter (None: it has neither).
+        self.public_logprobs = public_logprobs
         self.notices: list[str] = []
         self.reply = b""
         self.tokens: list[int] = []
         self.streams: list[CloudStream] = []
         self.stream: CloudStream | None = None
-        self.origin = 0  # where in the reply the current stream's continuation starts
-        self.misses = 0
+        # The reply from byte `anchor[0]` on follows the cloud's text from byte `anchor[1]`;
+        # None while the reply has left the cloud's text.
+        self.anchor: tuple[int, int] | None = (0, 0)
+        self.lost_at = 0  # where in the cloud's text the reply left it
         self.step_started: float | None = None
         self._start_stream()
 
     def _start_stream(self) -> None:
-        clear = safe_prefix(self.reply.decode("utf-8", errors="ignore")).rstrip(" ")
-        self.origin = len(clear.encode("utf-8"))
-        self.stream = self.client.stream(self.cloud_messages, self.redactor.redact(clear),
+        profile = self.client.known_profile
+        if self.reply and profile is not None and profile.can_continue:
+            clear = safe_prefix(self.reply.decode("utf-8", errors="ignore")).rstrip(" ")
+            prefix = self.redactor.redact(clear)
+            origin = len(clear.encode("utf-8"))
+        else:
+            prefix, origin = "", 0
+        self.anchor = (origin, 0)
+        self.stream = self.client.stream(self.cloud_messages, prefix,
                                          max_tokens=self.sampling.max_tokens,
                                          recorder=self.recorder)
         self.streams.append(self.stream)
@@ -112,67 +144,125 @@ class FusedChooser:
             self.stream.cancel()
         self.stream = None
 
-    def _cloud_candidates(self) -> list[tuple[bytes, float]] | None:
-        stream = self.stream
-        if stream is None:
-            return None
-        written = self.reply[self.origin:]
-        if diverged(written, stream.text):
-            if self.stats.restarts >= self.settings.max_restarts:
-                self._trip(f"the reply left the cloud's path {self.stats.restarts} times")
-                return None
+    def _left_cloud_text(self, stream: CloudStream, written: bytes) -> None:
+        """The reply just left the cloud's text: ask again if it can continue and the cap
+        allows, else look for the reply's place in the text it has."""
+        profile = stream.profile
+        assert self.anchor is not None
+        if profile is not None and profile.can_continue and \
+                self.stats.requests < self.settings.max_requests:
             stream.cancel()
             self.stats.restarts += 1
             self._start_stream()
+            return
+        self.lost_at = self.anchor[1] + common_prefix(written[self.anchor[1]:],
+                                                      stream.text[self.anchor[1]:])
+        self.anchor = None
+
+    def _written(self, stream: CloudStream) -> bytes | None:
+        """The reply as the cloud's text would have it: its own text up to the anchor, then
+        the reply since; None while the reply has left the cloud's text."""
+        if self.anchor is None:
+            at = realign(self.reply, stream.text, self.lost_at)
+            if at is None:
+                return None
+            self.anchor = (len(self.reply), at)
+            self.stats.realigned += 1
+        reply_at, cloud_at = self.anchor
+        written = stream.text[:cloud_at] + self.reply[reply_at:]
+        if diverged(written, stream.text):
+            self._left_cloud_text(stream, written)
             return None
-        if self.step_started is not None:  # never for the first token
-            budget = self.settings.deadline_ms / 1000 - (time.perf_counter()
-                                                         - self.step_started)
-            stream.wait_until(lambda: len(stream.text) > len(written) or stream.finished, budget)
+        return written
+
+    def _check_stream(self, stream: CloudStream) -> bool:
+        """False (and the breaker tripped) if this stream cannot be fused."""
+        profile = stream.profile
+        if profile is not None and not self.stats.method:
+            self.stats.method = profile.describe()
+        if profile is not None and not profile.fusable:
+            self._trip(f"this cloud streams no log-probabilities, so fused replies are local"
+                       f" ({profile.describe().split(':')[0]}); cloud mode (F4) shows its"
+                       " own text")
+            return False
+        if stream.lacks_logprobs:
+            self.client.forget_profile()  # it claimed log-probabilities: probe it again
+            self._trip("the cloud streamed text without log-probabilities, unlike what it"
+                       " did when probed; it is probed again before the next reply")
+            return False
+        if stream.done and stream.outcome not in (OK, CANCELLED) and not stream.tokens:
+            self._trip(FAILURE_TEXT.get(stream.outcome, stream.outcome)
+                       + (f" ({stream.error})" if stream.error else ""))
+            return False
+        if stream.first_token_at is None and not stream.done and \
+                time.perf_counter() - stream.started_at > self.settings.first_token_ms / 1000:
+            self._trip(f"it did not start answering within {self.settings.first_token_ms} ms")
+            return False
+        return True
+
+    def _wait_s(self, logprobs: np.ndarray) -> float:
+        """How long this token may wait for the cloud: only where the local model is
+        unsure, never at the first token, within the per-token deadline and the reply's
+        budget (time spent computing this step counts)."""
+        if self.step_started is None or float(np.exp(logprobs.max())) >= self.settings.sure_prob:
+            return 0.0
+        elapsed = time.perf_counter() - self.step_started
+        left = self.settings.wait_budget_ms - self.stats.waited_ms
+        return max(0.0, min(self.settings.deadline_ms / 1000 - elapsed, left / 1000))
+
+    def _cloud_candidates(self, logprobs: np.ndarray) -> list[tuple[bytes, float]] | None:
+        stream = self.stream
+        if stream is None or not self._check_stream(stream):
+            return None
+        written = self._written(stream)
+        if written is None or stream is not self.stream:
+            return None
+        budget = self._wait_s(logprobs)
+        if budget > 0 and len(stream.text) <= len(written) and not stream.done:
+            started = time.perf_counter()
+            stream.wait_until(lambda: len(stream.text) > len(written) or stream.finished,
+                              budget)
+            self.stats.waited_ms += (time.perf_counter() - started) * 1000
+            if not self._check_stream(stream):
+                return None
         candidates = align(list(stream.tokens), written, stream.finished)
         if candidates is None and stream.done and stream.outcome not in (OK, CANCELLED):
             self._trip(FAILURE_TEXT.get(stream.outcome, stream.outcome)
                        + (f" ({stream.error})" if stream.error else ""))
         return candidates
 
-    def _count_miss(self) -> None:
-        """Misses before the cloud's first token are its round trip, not a fault."""
-        stream = self.stream
-        if stream is None:
-            return
-        if stream.tokens:
-            self.misses += 1
-            if self.misses >= self.settings.max_misses:
-                self._trip(f"it missed {self.misses} tokens in a row")
-        elif time.perf_counter() - stream.started_at > self.settings.first_token_ms / 1000:
-            self._trip(f"it did not start answering within {self.settings.first_token_ms} ms")
-
     def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int:
-        candidates = self._cloud_candidates()
+        candidates = self._cloud_candidates(logprobs)
         if not candidates:
             self.stats.absent += 1
-            self._count_miss()
             return sample_token(logprobs, self.sampling, rng)
-        self.misses = 0
         started = time.perf_counter()
         probs = np.exp(logprobs)
         cloud = cloud_distribution(self.vocab, logprobs, candidates, probs)
+        local_top = int(np.argmax(logprobs))
+        best = max(candidates, key=lambda c: c[1])[0]
+        agrees = bool(np.any(self.vocab.supporting(best) == local_top))
         if self.settings.form == "proxy":
             # Without private context or an adapter the SLM is its own base: the cloud alone.
-            base = self.base_logprobs(self.tokens) if self.base_logprobs else logprobs
+            base = self.public_logprobs(self.tokens) if self.public_logprobs else logprobs
             fused = fuse_proxy_tuning(cloud, logprobs, base, self.settings.beta)
         else:
+            # Only a disagreement needs the private check (one more local evaluation).
+            lift = 0.0 if agrees or self.public_logprobs is None else \
+                private_lift(logprobs, self.public_logprobs(self.tokens))
             confidence = float(np.exp(max(lp for _, lp in candidates)))
-            weight = cloud_weight(logprobs, self.settings.lambda_min, self.settings.lambda_max,
-                                  probs, min(1.0, confidence))
+            weight = cloud_weight(confidence, lift, self.settings.lambda_min,
+                                  self.settings.lambda_max)
             fused = fuse_log_linear(logprobs, cloud, weight)
         self.stats.fusion_ms.append((time.perf_counter() - started) * 1000)
-        best = max(candidates, key=lambda c: c[1])[0]
-        if np.any(self.vocab.supporting(best) == int(np.argmax(logprobs))):
+        if agrees:
             self.stats.agreed += 1
         else:
             self.stats.fused += 1
-        return sample_token(fused, self.sampling, rng)
+        token = sample_token(fused, self.sampling, rng)
+        if token != local_top:
+            self.stats.overruled += 1
+        return token
 
     def accept(self, token: int, piece: bytes) -> None:
         self.tokens.append(token)
@@ -188,3 +278,5 @@ class FusedChooser:
             if stream.entry is not None:
                 self.stats.bytes_sent += stream.entry.bytes_sent
                 self.stats.bytes_received += stream.entry.bytes_received
+        if not self.stats.method and self.streams and self.streams[0].profile is not None:
+            self.stats.method = self.streams[0].profile.describe()

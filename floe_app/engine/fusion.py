@@ -9,6 +9,7 @@ UTF-8 character) and multi-character cloud tokens meet on common ground.
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,12 +151,56 @@ def entropy(logprobs: np.ndarray, probs: np.ndarray | None = None) -> float:
     return float(-(p * logprobs).sum())  # not np.dot: BLAS threads fight the decoder for cores
 
 
-def cloud_weight(slm_logprobs: np.ndarray, lambda_min: float, lambda_max: float,
-                 slm_probs: np.ndarray | None = None, cloud_confidence: float = 1.0) -> float:
-    """λ for this position: near lambda_min where the SLM is sure, up to lambda_max where it
-    is unsure and the cloud is sure (cloud_confidence: its top candidate's probability)."""
-    uncertainty = 1.0 - np.exp(-entropy(slm_logprobs, slm_probs))
-    return lambda_min + (lambda_max - lambda_min) * uncertainty * cloud_confidence
+def private_lift(local_logprobs: np.ndarray, public_logprobs: np.ndarray) -> float:
+    """How much the user's private context and adapter made the local model's choice
+    likelier: log p_local(t) - log p_public(t) for its top token t (0 if they did not)."""
+    top = int(np.argmax(local_logprobs))
+    return max(0.0, float(local_logprobs[top] - public_logprobs[top]))
+
+
+def cloud_weight(cloud_confidence: float, lift: float, lambda_min: float,
+                 lambda_max: float, lift_low: float = 0.7, lift_high: float = 2.0) -> float:
+    """λ for this position, the router of the paper made from what is known locally.
+
+    The cloud knows more than the device but never sees the user's private context: its
+    weight grows with its own confidence (its top candidate's probability) from lambda_min
+    to lambda_max, and falls to 0 where that private knowledge is what makes the local
+    model choose its token (a lift of e^2 ≈ 7x or more; none below e^0.7 ≈ 2x). The local
+    model's entropy is left out on purpose: measured with a cloud ten times its size, a
+    small model is often sure of wrong facts, and trusting its certainty cost accuracy.
+    """
+    base = lambda_min + (lambda_max - lambda_min) * min(1.0, max(0.0, cloud_confidence))
+    private = min(1.0, max(0.0, (lift - lift_low) / (lift_high - lift_low)))
+    return base * (1.0 - private)
+
+
+def realign(reply: bytes, cloud: bytes, start: int, window: int = 512,
+            min_tail: int = 8) -> int | None:
+    """Where the reply's last words end in the cloud's text, searched from `start` (a little
+    before, as the reply may have lagged) over `window` bytes; None if they are not there.
+
+    The tail is the reply's last three words (more if shorter than `min_tail` bytes), taken
+    from a word boundary, so a match never starts inside a cloud word.
+    """
+    starts = [m.start() for m in re.finditer(rb"\S+", reply)]
+    if not starts:
+        return None
+    begin = starts[max(0, len(starts) - 3)]
+    for earlier in reversed(starts[:max(0, len(starts) - 3)]):
+        if len(reply) - begin >= min_tail:
+            break
+        begin = earlier
+    tail = reply[begin:]
+    if len(tail) < min_tail:
+        return None
+    lo = max(0, start - 64)
+    hi = min(len(cloud), start + window)
+    found = cloud.find(tail, lo, hi)
+    while found >= 0:
+        if found == 0 or not cloud[found - 1:found].isalnum():
+            return found + len(tail)
+        found = cloud.find(tail, found + 1, hi)
+    return None
 
 
 def _normalize(logits: np.ndarray) -> np.ndarray:
