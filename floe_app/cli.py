@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_use.add_argument("version", type=int)
     adapter_commands.add_parser("rollback", help="go back to the version used before")
 
+    cloud = commands.add_parser("cloud", help="what the configured cloud can do for fusion")
+    cloud_commands = cloud.add_subparsers(dest="cloud_command", required=True)
+    cloud_probe = cloud_commands.add_parser(
+        "probe", help="ask the cloud now (a few tiny requests, in the ledger) and remember")
+    cloud_probe.add_argument("--json", action="store_true")
+
     ledger = commands.add_parser("ledger", help="every request that left this machine")
     ledger.add_argument("--limit", type=int, default=20)
     ledger.add_argument("--json", action="store_true")
@@ -159,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from floe_app.paths import private_umask
+
+    private_umask()  # everything Floe and its children write is private to this account
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in HANDLERS:
@@ -224,7 +233,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         # Floe's own interpreter: under pipx that is Floe's private environment.
         names = args.target if args.plugins_command == "install" else ["--yes", *args.name]
         command = [sys.executable, "-m", "pip", args.plugins_command, "--quiet", *names]
-        if subprocess.run(command).returncode != 0:
+        from floe_app.paths import user_umask
+
+        with user_umask():  # a plugin is code, not the user's data: installed as pip would
+            returncode = subprocess.run(command).returncode
+        if returncode != 0:
             raise FloeError(f"pip could not {args.plugins_command} {' '.join(names)}")
         return 0
     plugins = load_plugins()
@@ -245,11 +258,14 @@ def load_settings(report: bool = True) -> tuple[Paths, Config, list[str]]:
     from floe_app.config import load_config
     from floe_app.paths import resolve_paths
 
-    paths = resolve_paths().ensure()
+    paths = resolve_paths()
+    notes = paths.secure()
     config, warnings = load_config(paths)
+    for note in notes if report else []:
+        print(f"floe: note: {note}", file=sys.stderr)
     for warning in warnings if report else []:
         print(f"floe: warning: {warning}", file=sys.stderr)
-    return paths, config, warnings
+    return paths, config, (warnings if report else notes + warnings)
 
 
 def open_session(args: argparse.Namespace, plugins: Plugins | None = None) -> ChatSession:
@@ -361,8 +377,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         print("Nothing has left this machine.")
     for r in rows:
         received = "?" if r.bytes_received is None else f"{r.bytes_received:,}"
+        purpose = " (probe)" if r.purpose == "probe" else ""
         print(f"{r.id:>5}  {r.created_at[:19].replace('T', ' ')}  {r.outcome or '?':<13}"
-              f" sent {r.bytes_sent:,} B, received {received} B  {r.endpoint}")
+              f" sent {r.bytes_sent:,} B, received {received} B  {r.endpoint}{purpose}")
         text = r.text_sent if args.full else " ".join(r.text_sent.split())[-160:]
         print(f"       {'' if args.full else '…'}{text}")
     return 0
@@ -449,7 +466,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from floe_app.doctor import diagnose, format_report
     from floe_app.paths import resolve_paths
 
-    report = diagnose(resolve_paths().ensure(), model_override=args.model)
+    paths = resolve_paths()
+    for note in paths.secure():
+        print(f"floe: note: {note}", file=sys.stderr)
+    report = diagnose(paths, model_override=args.model)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 
@@ -541,7 +561,23 @@ def cmd_federation(args: argparse.Namespace) -> int:
         operator.stop_link()
 
 
-HANDLERS = {"ask": cmd_ask, "history": cmd_history, "ledger": cmd_ledger,
+def cmd_cloud(args: argparse.Namespace) -> int:
+    session = open_session(args)
+    target = session.cloud_target()
+    profile = session.probe_cloud()
+    if args.json:
+        print(json.dumps({"base_url": target.base_url if target else None,
+                          "model": target.model if target else None,
+                          "profile": profile.to_json(), "summary": profile.describe()}))
+        return 0
+    assert target is not None
+    print(f"{target.base_url} ({target.model}): {profile.describe()}")
+    for note in profile.notes:
+        print(f"  - {note}")
+    return 0
+
+
+HANDLERS = {"ask": cmd_ask, "cloud": cmd_cloud, "history": cmd_history, "ledger": cmd_ledger,
             "remember": cmd_memory, "memories": cmd_memory, "forget": cmd_memory,
             "plugins": cmd_plugins, "doctor": cmd_doctor, "rate": cmd_rate,
             "correct": cmd_rate, "examples": cmd_examples, "train": cmd_train,

@@ -8,9 +8,11 @@ from importlib import metadata
 from typing import Any
 
 from floe_app import __version__
-from floe_app.config import load_config
+from floe_app.config import Config, load_config
+from floe_app.engine.cloud import CloudClient, CloudTarget
 from floe_app.engine.hardware import cpu_info, default_threads
 from floe_app.engine.local import LocalEngine, llama_workarounds, resolve_model_path
+from floe_app.engine.profiles import ProfileCache
 from floe_app.errors import FloeError
 from floe_app.paths import Paths
 from floe_app.personalize.tiers import choose_tier, probe
@@ -42,6 +44,7 @@ def diagnose(paths: Paths, model_override: str | None = None) -> dict[str, Any]:
         "paths": {"config": str(paths.config_file), "data": str(paths.data_dir),
                   "database": str(paths.database), "cache": str(paths.cache_dir)},
         "config_warnings": config_warnings,
+        "privacy": paths.privacy_report(),
     }
     tier, why = choose_tier(probe(), config.learning.tier, config.learning.threads)
     report["training"] = {"tier": tier.name, "why": why, "rank": tier.rank,
@@ -62,8 +65,23 @@ def diagnose(paths: Paths, model_override: str | None = None) -> dict[str, Any]:
     except FloeError as exc:
         model.update(status="error", error=str(exc))
     report["model"] = model
+    report["cloud"] = cloud_report(paths, config)
     report["ok"] = model["status"] == "ok"
     return report
+
+
+def cloud_report(paths: Paths, config: Config) -> dict[str, Any]:
+    """The configured cloud and what is known of it, without asking it anything."""
+    target = CloudTarget.from_settings(config.cloud)
+    if config.privacy.local_only or target is None:
+        return {"configured": False, "summary": "local-only is on" if target else "none"}
+    known = CloudClient(target, ProfileCache(paths.cache_dir / "cloud_profiles.json"))
+    profile = known.known_profile
+    return {"configured": True, "base_url": target.base_url, "model": target.model,
+            "profile": profile.to_json() if profile else None,
+            "summary": f"{target.base_url} ({target.model}): "
+                       + (profile.describe() if profile else
+                          "not probed yet (floe cloud probe, or the first fused reply)")}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -74,6 +92,17 @@ def format_report(report: dict[str, Any]) -> str:
                       f" context {model['context_tokens']:,} tokens")
     else:
         model_line = f"PROBLEM: {model['error']}"
+    privacy = report["privacy"]
+    modes = privacy["modes"]
+    privacy_line = (f"folders {modes['config_dir']}/{modes['data_dir']}/{modes['cache_dir']},"
+                    f" config {modes['config']}, database {modes['database']}: ")
+    if privacy["private"]:
+        privacy_line += "nothing Floe wrote is readable by other accounts"
+    else:
+        shown = "; ".join(privacy["loose"][:3])
+        more = len(privacy["loose"]) - 3
+        privacy_line = (f"PROBLEM: {privacy_line}{len(privacy['loose'])} readable by other"
+                        f" accounts ({shown}{f'; {more} more' if more > 0 else ''})")
     packages = ", ".join(f"{k} {v}" for k, v in report["packages"].items())
     rows = [
         ("Floe", f"{report['floe']} (Python {report['python']}, SQLite {report['sqlite']})"),
@@ -89,9 +118,11 @@ def format_report(report: dict[str, Any]) -> str:
                      f" {train['max_steps']} steps, {train['threads']} threads; because"
                      f" {train['why']}" + ("" if train["available"] else
                      " (NOT INSTALLED: pipx install 'floe-assistant[train]')")),
+        ("Cloud", report["cloud"]["summary"]),
         ("Config", report["paths"]["config"]),
         ("Database", report["paths"]["database"]),
         ("Cache", report["paths"]["cache"]),
+        ("Privacy", privacy_line),
     ]
     rows += [("Config warning", w) for w in report["config_warnings"]]
     width = max(len(k) for k, _ in rows)

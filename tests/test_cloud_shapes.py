@@ -73,8 +73,8 @@ def test_openai_chat_content_list():
 
 
 def test_legacy_completions_with_openai_bytes_tokens():
-    # "’" (U+2019) split over two tokens, written the way OpenAI's legacy API writes them.
-    chunk = {"choices": [{"text": "It’s", "index": 0, "finish_reason": None, "logprobs": {
+    # U+2019 split over two tokens, written the way OpenAI's legacy API writes them.
+    chunk = {"choices": [{"text": "It\u2019s", "index": 0, "finish_reason": None, "logprobs": {
         "tokens": ["It", "bytes:\\xe2\\x80", "bytes:\\x99", "s"],
         "token_logprobs": [-0.1, -0.3, -0.01, -0.05],
         "top_logprobs": [{"It": -0.1, "This": -2.5}, {"bytes:\\xe2\\x80": -0.3}, {}, {"s": -0.05}],
@@ -242,7 +242,8 @@ def test_prompt_formats():
     assert gemma.startswith("<start_of_turn>user\nBe brief.\n\nCapital of France?<end_of_turn>")
     assert gemma.endswith("<start_of_turn>model\n")
     assert render_prompt("llama3", messages, "x").endswith("<|end_header_id|>\n\nx")
-    assert render_prompt("transcript", messages, "").endswith("User: Capital of France?\nAssistant:")
+    assert render_prompt("transcript", messages, "").endswith(
+        "User: Capital of France?\nAssistant:")
     assert guess_prompt_format("Qwen2.5-Coder-1.5B-Instruct") == "chatml"
     assert guess_prompt_format("gemma-3-270m-it") == "gemma"
     assert guess_prompt_format("gemma-3-270m") == "transcript"

@@ -95,7 +95,9 @@ def _with_logprobs(client: CloudClient, recorder: Recorder | None, endpoint: str
             raise CloudUnavailable(seen.outcome, f"{FAILURES[seen.outcome]} ({seen.error})")
         label = f"/{'chat/' if endpoint == 'chat' else ''}completions"
         if seen.outcome == OK:
-            if tries and not seen.logprobs:
+            if not seen.text.strip():
+                notes.append(f"{label}: streams no text")
+            elif tries and not seen.logprobs:
                 notes.append(f"{label}: answers, but sends no log-probabilities")
             elif tries:
                 notes.append(f"{label}: streams log-probabilities, {seen.top_k}"
@@ -129,8 +131,6 @@ def probe(client: CloudClient, recorder: Recorder | None = None) -> CloudProfile
             notes.append(f"/chat/completions, {method}: "
                          + (f"a new answer ({seen.text.strip()[:40]!r})" if seen.outcome == OK
                             else f"refused ({seen.outcome})"))
-    elif chat.outcome == OK:
-        notes.append("/chat/completions: streamed no text")
     if chat_ok and chat_k and continuation != NONE:
         return _profile("chat", continuation, chat_k, "chatml", notes)
     fmt = guess_prompt_format(model)

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -24,6 +25,10 @@ class Faults:
     stall_after: int | None = None  # response bytes before the stream goes silent
     reset_after: int | None = None  # response bytes before the connection is reset
     status: int | None = None  # answer every request with this HTTP status
+    # Given a request's body: an HTTP status to refuse it with, other bytes to send on
+    # instead, or None to pass it on. While set, each connection carries one request, so
+    # that every request is looked at.
+    intercept: Callable[[bytes], int | bytes | None] | None = None
 
 
 class FaultProxy:
@@ -78,6 +83,9 @@ class FaultProxy:
             if faults.status is not None:
                 await self._answer_status(reader, writer, faults.status)
                 return
+            if faults.intercept is not None:
+                await self._one_request(reader, writer, faults)
+                return
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
             record = bytearray()
             self.sent.append(record)
@@ -90,17 +98,47 @@ class FaultProxy:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _answer_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             status: int) -> None:
+    @staticmethod
+    async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         head = await reader.readuntil(b"\r\n\r\n")
         length = 0
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":")[1])
-        await reader.readexactly(length)
+        return head, await reader.readexactly(length)
+
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           faults: Faults) -> None:
+        head, body = await self._read_request(reader)
+        self.sent.append(bytearray(head + body))
+        assert faults.intercept is not None
+        verdict = faults.intercept(body)
+        if isinstance(verdict, int):
+            await self._write_status(writer, verdict)
+            return
+        body = body if verdict is None else verdict
+        lines = [line for line in head.split(b"\r\n") if line and not line.lower().startswith(
+            (b"connection:", b"content-length:"))]
+        lines.append(f"Content-Length: {len(body)}".encode())
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        up_writer.write(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
+        await up_writer.drain()
+        while chunk := await up_reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        up_writer.close()
+
+    async def _answer_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             status: int) -> None:
+        await self._read_request(reader)
+        await self._write_status(writer, status)
+
+    @staticmethod
+    async def _write_status(writer: asyncio.StreamWriter, status: int) -> None:
         body = json.dumps({"error": {"message": f"injected {status}", "type": "injected",
                                      "code": status}}).encode()
-        reason = {429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "Error")
+        reason = {401: "Unauthorized", 404: "Not Found", 422: "Unprocessable Entity",
+                  429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "Error")
         writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         await writer.drain()
