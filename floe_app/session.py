@@ -458,6 +458,16 @@ class ChatSession:
                     client.profile(self._ledger_recorder(None, "probe"))
             threading.Thread(target=warm, daemon=True).start()
 
+    def test_cloud(self, config: Config) -> str:
+        """Settings' "Test connection": probe the cloud `config` describes; one line."""
+        session = ChatSession(self.store, config, self.model_override, self.env, None,
+                              self.paths)
+        try:
+            profile = session.probe_cloud()
+        except FloeError as exc:
+            return f"Cannot use this cloud: {exc}"
+        return f"Works: {profile.describe()}."
+
     def probe_cloud(self) -> CloudProfile:
         """Probe the configured cloud now (`floe cloud probe`, settings' Test connection).
         Raises FloeError with the reason when it cannot be used."""

@@ -498,8 +498,8 @@ class FloeApp(App[None]):
             if config.federation.enabled != federation_before.enabled:
                 self.run_worker(lambda: self.apply_federation(federation_before), thread=True)
 
-        self.push_screen(SettingsScreen(self.session.config, self.session.federation_lines()),
-                         saved)
+        self.push_screen(SettingsScreen(self.session.config, self.session.federation_lines(),
+                                        self.session.test_cloud), saved)
 
     def apply_federation(self, before: FederationSettings) -> None:
         """Start or stop the sync service (a few seconds: off the UI thread)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
@@ -14,7 +15,8 @@ from floe_app.config import Config, SettingSpec, setting_specs
 EDITABLE = ("model.path", "chat.system_prompt", "chat.mode", "chat.temperature",
             "chat.top_p", "chat.max_tokens", "model.threads", "model.context_tokens",
             "privacy.local_only", "privacy.redact_terms", "cloud.base_url", "cloud.model",
-            "cloud.api", "fusion.deadline_ms", "learning.paused", "learning.auto",
+            "cloud.provider", "cloud.endpoint", "cloud.continuation", "fusion.deadline_ms",
+            "fusion.wait_budget_ms", "fusion.max_requests", "learning.paused", "learning.auto",
             "learning.delay_s", "learning.tier", "federation.enabled", "federation.address",
             "federation.root_certificates", "federation.node_key",
             "federation.min_noise_multiplier", "federation.max_epsilon",
@@ -51,10 +53,13 @@ class SettingsScreen(ModalScreen[Config | None]):
 
     BINDINGS = [("escape", "dismiss(None)", "Cancel"), ("ctrl+s", "save", "Save")]
 
-    def __init__(self, config: Config, federation: list[str] | None = None) -> None:
+    def __init__(self, config: Config, federation: list[str] | None = None,
+                 test_cloud: Callable[[Config], str] | None = None) -> None:
         super().__init__(classes="dialog-screen")
         self.config = config
         self.federation = federation or []  # the sync service's state, shown above its keys
+        # Probes the cloud the fields describe (network: run off the UI thread).
+        self.test_cloud = test_cloud
         specs = {s.key: s for s in setting_specs()}
         self.specs = [specs[key] for key in EDITABLE]
 
@@ -77,6 +82,10 @@ class SettingsScreen(ModalScreen[Config | None]):
                 else:
                     yield Input(show_value(self._current(spec)), id=field_id, classes="field",
                                 placeholder=spec.allowed)
+                if spec.key == "cloud.continuation" and self.test_cloud is not None:
+                    with Horizontal(classes="buttons"):
+                        yield Button("Test connection", id="test-cloud")
+                    yield Label("", id="cloud-status", classes="field-label")
             yield Label("", id="error", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save")
@@ -85,10 +94,13 @@ class SettingsScreen(ModalScreen[Config | None]):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
             self.action_save()
+        elif event.button.id == "test-cloud":
+            self.action_test_cloud()
         else:
             self.dismiss(None)
 
-    def action_save(self) -> None:
+    def entered(self) -> Config | None:
+        """The config the fields describe, or None (with the error shown) if one is bad."""
         sections = {f.name: dataclasses.replace(getattr(self.config, f.name))
                     for f in dataclasses.fields(Config)}
         for spec in self.specs:
@@ -99,5 +111,23 @@ class SettingsScreen(ModalScreen[Config | None]):
             except ValueError as exc:
                 self.query_one("#error", Label).update(str(exc))
                 widget.focus()
-                return
-        self.dismiss(Config(**sections))
+                return None
+        return Config(**sections)
+
+    def action_save(self) -> None:
+        config = self.entered()
+        if config is not None:
+            self.dismiss(config)
+
+    def action_test_cloud(self) -> None:
+        config = self.entered()
+        if config is None or self.test_cloud is None:
+            return
+        status = self.query_one("#cloud-status", Label)
+        status.update("Asking the cloud (a few tiny requests, recorded in the ledger)…")
+        test = self.test_cloud
+
+        def run() -> None:
+            line = test(config)
+            self.app.call_from_thread(status.update, line)
+        self.run_worker(run, thread=True, exclusive=True, group="test-cloud")
