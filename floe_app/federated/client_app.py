@@ -25,7 +25,7 @@ from floe_app.federated.client import (
     install_shared,
     take_part,
 )
-from floe_app.paths import Paths, resolve_paths
+from floe_app.paths import Paths, private_umask, resolve_paths
 from floe_app.store.db import Store
 
 DECLINED = 1  # Error code of a reply that carries no update, with the reason
@@ -35,6 +35,7 @@ app = ClientApp()
 
 def _node(context: Context) -> tuple[Paths, int, str]:
     os.nice(10)  # this ClientApp process: the user's work (and the SuperLink) come first
+    private_umask()  # inherited from `floe sync` already; also when Flower was started by hand
     home = str(context.node_config.get("floe-home", ""))
     paths = resolve_paths({"FLOE_HOME": home} if home else None).ensure()
     return paths, int(context.node_config.get("rank", 4)), \

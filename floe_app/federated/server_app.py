@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from floe_app.engine.local import resolve_model_path
 from floe_app.federated import rounds, validate
 from floe_app.federated.client import LocalBase
+from floe_app.paths import private_umask
 
 app = ServerApp()
 
@@ -61,6 +62,7 @@ def main(grid: Grid, context: Context) -> None:
 class Federation:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        private_umask()  # the round log and shared adapters: the operator's account only
         self.base = LocalBase.read(resolve_model_path(settings.model or None))
         self.shapes = rounds.model_shapes(self.base.metadata)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
