@@ -24,7 +24,9 @@ when it contains one of the accepted answers (case-insensitive).
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -206,6 +208,8 @@ def main() -> None:
                         default=Path(tempfile.gettempdir()) / "floe-bench-cache")
     parser.add_argument("--misses", action="store_true", help="list every wrong reply")
     args = parser.parse_args()
+    # A terminated run still stops its servers (the context managers below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     chosen = [s.strip() for s in args.setups.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SETUPS]
     if unknown:
@@ -226,17 +230,23 @@ def main() -> None:
                 after = replay.stats
                 result.forwarded = after["forwarded"] - before["forwarded"]
                 result.passes = attempt
-                print(f"  {setup.label}: pass {attempt}, {result.seconds:.0f} s,"
+                print(f"  pass {attempt}, {result.seconds:.0f} s,"
                       f" {after['requests'] - before['requests']} cloud requests,"
                       f" {result.forwarded} not recorded yet"
-                      f" ({after['not_recorded'] - before['not_recorded']} refused);"
-                      f" {result.accuracy():.0f}% right, median TTFT {med(result.ttft_ms):.0f}"
-                      f" ms, {mean(result.requests):.2f} requests per reply", flush=True)
+                      f" ({after['not_recorded'] - before['not_recorded']} refused): "
+                      + row(setup.label, result), flush=True)
                 if result.forwarded == 0 or setup.mode == "local":
                     break
             results[name] = result
         stats = replay.stats
     report(results, args, questions, stats, time.monotonic() - began)
+
+
+def row(label: str, r: Result) -> str:
+    pause = f"{med(r.waited_ms):.0f}" if r.waited_ms else "n/a"
+    return (f"{label:<38}{r.accuracy('personal'):>8.0f}%{r.accuracy('general'):>8.0f}%"
+            f"{r.accuracy():>6.0f}%{med(r.ttft_ms):>9.0f}{med(r.tokens_per_s):>7.1f}"
+            f"{pause:>9}{mean(r.requests):>10.2f}{r.forwarded:>5}")
 
 
 def report(results: dict[str, Result], args, questions, stats, seconds: float) -> None:
@@ -255,10 +265,7 @@ def report(results: dict[str, Result], args, questions, stats, seconds: float) -
     print(header)
     print("-" * len(header))
     for name, r in results.items():
-        pause = f"{med(r.waited_ms):.0f}" if r.waited_ms else "n/a"
-        print(f"{SETUPS[name].label:<38}{r.accuracy('personal'):>8.0f}%"
-              f"{r.accuracy('general'):>8.0f}%{r.accuracy():>6.0f}%{med(r.ttft_ms):>9.0f}{med(r.tokens_per_s):>7.1f}"
-              f"{pause:>9}{mean(r.requests):>10.2f}{r.forwarded:>5}")
+        print(row(SETUPS[name].label, r))
     print("(accuracy in %; TTFT, tok/s and pause: medians per reply; req/reply: mean billed"
           " cloud requests; fwd: requests not served from the recording in the reported pass)")
     for name, r in results.items():
