@@ -377,7 +377,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         print("Nothing has left this machine.")
     for r in rows:
         received = "?" if r.bytes_received is None else f"{r.bytes_received:,}"
-        purpose = " (probe)" if r.purpose == "probe" else ""
+        purpose = f" ({r.purpose})" if r.purpose else ""
         print(f"{r.id:>5}  {r.created_at[:19].replace('T', ' ')}  {r.outcome or '?':<13}"
               f" sent {r.bytes_sent:,} B, received {received} B  {r.endpoint}{purpose}")
         text = r.text_sent if args.full else " ".join(r.text_sent.split())[-160:]

@@ -58,7 +58,10 @@ def test_fused_reply_uses_the_cloud_and_records_every_request(make_session, clou
     assert abs(cloud["agreed"] + cloud["fused"] + cloud["absent"] - 1) < 0.01
     assert cloud["bytes_sent"] > 0 and cloud["bytes_received"] > 0
     rows = store.ledger()
-    assert len(rows) == cloud["requests"]
+    assert len(rows) == cloud["requests"] <= cloud_config.fusion.max_requests
+    # Each request of the reply is numbered against the cap in the ledger.
+    assert [r.purpose for r in reversed(rows)] == [
+        f"fused, request {n} of at most 3" for n in range(1, len(rows) + 1)]
     assert all(r.conversation_id == cid and r.endpoint.endswith("/v1/completions")
                for r in rows)
     assert sum(r.bytes_sent for r in rows) == cloud["bytes_sent"]

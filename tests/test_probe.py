@@ -205,3 +205,11 @@ def test_cli_cloud_probe_and_doctor(cloud_server, tmp_path):
     assert "could not be reached" in dead.stderr
     none = run_floe("cloud", "probe", env_home=tmp_path / "other")
     assert none.returncode == 1 and "no cloud is configured" in none.stderr
+
+
+def test_the_first_reply_never_waits_for_the_probe(make_session, auto_config, proxy, store):
+    proxy.faults.delay_s = 0.5  # a 1 s round trip: the probe takes several seconds
+    session = make_session(auto_config)
+    session.warm_cloud()  # the TUI starts probing in the background at launch
+    done, _ = reply(session)
+    assert done.stats["ttft_ms"] < 500 and done.status == "complete"

@@ -272,11 +272,16 @@ class CloudClient:
 
     @property
     def known_profile(self) -> CloudProfile | None:
-        """The profile, if known without asking the cloud (preset, cache or earlier probe)."""
-        with self._profile_lock:
+        """The profile, if known without asking the cloud (preset, cache or earlier probe).
+        Never blocks: while a probe runs in the background it is not known yet."""
+        if not self._profile_lock.acquire(blocking=False):
+            return self._profile
+        try:
             if self._profile is None:
                 self._profile = self._stored_profile()
             return self._profile
+        finally:
+            self._profile_lock.release()
 
     def _stored_profile(self) -> CloudProfile | None:
         t = self.target
@@ -316,15 +321,18 @@ class CloudClient:
     # Requests
 
     def stream(self, messages: list[dict[str, str]], prefix: str, *, max_tokens: int = 512,
-               recorder: Recorder | None = None, logprobs: bool = True) -> CloudStream:
-        """Continue the (already redacted) conversation from the reply prefix."""
+               recorder: Recorder | None = None, logprobs: bool = True,
+               purpose: str = "") -> CloudStream:
+        """Continue the (already redacted) conversation from the reply prefix; `purpose`
+        is what the ledger says the request was for."""
         stream = CloudStream(self.target, prefix=prefix, logprobs=logprobs)
-        threading.Thread(target=self._run, args=(stream, messages, max_tokens, recorder),
+        threading.Thread(target=self._run, args=(stream, messages, max_tokens, recorder,
+                                                 purpose),
                          daemon=True, name="floe-cloud").start()
         return stream
 
     def _run(self, stream: CloudStream, messages: list[dict[str, str]], max_tokens: int,
-             recorder: Recorder | None) -> None:
+             recorder: Recorder | None, purpose: str) -> None:
         try:
             profile = self.profile(recorder)
         except CloudUnavailable as exc:
@@ -336,7 +344,8 @@ class CloudClient:
                                         stream.logprobs and profile.fusable)
         if profile.continuation == PREFILL and prefix:
             stream.assembler.echo = prefix.encode("utf-8")
-        entry = LedgerEntry(self.target.url(profile.endpoint), self.target.model, text_sent)
+        entry = LedgerEntry(self.target.url(profile.endpoint), self.target.model, text_sent,
+                            purpose=purpose)
         stream.entry = entry
         outcome, error, finished = self.send(
             profile.endpoint, body, entry, recorder, stream._add, assembler=stream.assembler,

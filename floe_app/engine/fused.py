@@ -131,9 +131,10 @@ class FusedChooser:
         else:
             prefix, origin = "", 0
         self.anchor = (origin, 0)
-        self.stream = self.client.stream(self.cloud_messages, prefix,
-                                         max_tokens=self.sampling.max_tokens,
-                                         recorder=self.recorder)
+        self.stream = self.client.stream(
+            self.cloud_messages, prefix, max_tokens=self.sampling.max_tokens,
+            recorder=self.recorder, purpose=f"fused, request {self.stats.requests + 1} of at"
+                                            f" most {self.settings.max_requests}")
         self.streams.append(self.stream)
         self.stats.requests += 1
 
