@@ -140,7 +140,7 @@ class CloudStream:
     finished: bool = False  # the cloud ended its continuation (stop or length)
     outcome: str = ""  # set once the request is over, one of the outcomes above
     error: str = ""
-    profile: CloudProfile | None = None  # set before the request is sent
+    profile: CloudProfile | None = None  # set when the request is sent
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     entry: LedgerEntry | None = None
@@ -338,7 +338,9 @@ class CloudClient:
         except CloudUnavailable as exc:
             stream._finish(exc.outcome, str(exc))
             return
-        stream.profile = profile
+        if stream._cancelled.is_set():  # the reply ended while the probe ran
+            stream._finish(CANCELLED)
+            return
         prefix = stream.prefix if profile.can_continue else ""
         body, text_sent = build_request(self.target, profile, messages, prefix, max_tokens,
                                         stream.logprobs and profile.fusable)
@@ -347,6 +349,9 @@ class CloudClient:
         entry = LedgerEntry(self.target.url(profile.endpoint), self.target.model, text_sent,
                             purpose=purpose)
         stream.entry = entry
+        # The request leaves now (a first probe may have run before): its clock starts here.
+        stream.started_at = time.perf_counter()
+        stream.profile = profile
         outcome, error, finished = self.send(
             profile.endpoint, body, entry, recorder, stream._add, assembler=stream.assembler,
             cancelled=stream._cancelled, on_response=lambda r: setattr(stream, "_response", r))

@@ -195,8 +195,8 @@ class FusedChooser:
             self._trip(FAILURE_TEXT.get(stream.outcome, stream.outcome)
                        + (f" ({stream.error})" if stream.error else ""))
             return False
-        if stream.first_token_at is None and not stream.done and \
-                time.perf_counter() - stream.started_at > self.settings.first_token_ms / 1000:
+        if stream.profile is not None and stream.first_token_at is None and not stream.done \
+                and time.perf_counter() - stream.started_at > self.settings.first_token_ms / 1000:
             self._trip(f"it did not start answering within {self.settings.first_token_ms} ms")
             return False
         return True
@@ -207,6 +207,8 @@ class FusedChooser:
         budget (time spent computing this step counts)."""
         if self.step_started is None or float(np.exp(logprobs.max())) >= self.settings.sure_prob:
             return 0.0
+        if self.stream is None or self.stream.profile is None:
+            return 0.0  # its request has not left yet (a first probe is running)
         elapsed = time.perf_counter() - self.step_started
         left = self.settings.wait_budget_ms - self.stats.waited_ms
         return max(0.0, min(self.settings.deadline_ms / 1000 - elapsed, left / 1000))
@@ -275,6 +277,8 @@ class FusedChooser:
         for stream in self.streams:
             stream.cancel()
         for stream in self.streams:
+            if stream.entry is None:
+                continue  # never sent (a probe was running): it will not be
             stream.wait_until(lambda s=stream: s.done, settle_s)
             if stream.entry is not None:
                 self.stats.bytes_sent += stream.entry.bytes_sent
