@@ -121,12 +121,16 @@ def test_private_knowledge_takes_weight_from_the_cloud(confidence, lift_a, lift_
     assert cloud_weight(confidence, 2.0, 0.3, 0.9) == 0.0  # 7x likelier from private context
 
 
-@given(logprob_vectors, logprob_vectors)
-def test_private_lift_is_the_gain_of_the_local_choice(local, public):
-    lift = private_lift(local, public)
+@given(logprob_vectors, logprob_vectors, st.integers(0, len(VOCAB) - 1))
+def test_private_lift_is_the_gain_of_the_local_choice_or_the_loss_of_the_clouds(
+        local, public, cloud_choice):
     top = int(np.argmax(local))
-    assert lift >= 0 and lift == pytest.approx(max(0.0, local[top] - public[top]))
-    assert private_lift(local, local) == 0.0
+    assert private_lift(local, public) == pytest.approx(max(0.0, local[top] - public[top]))
+    both = private_lift(local, public, cloud_choice)
+    assert both >= private_lift(local, public)
+    if cloud_choice != top:
+        assert both >= public[cloud_choice] - local[cloud_choice] - 1e-12
+    assert private_lift(local, local, cloud_choice) == 0.0
 
 
 @given(logprob_vectors, logprob_vectors, st.floats(0, 2))

@@ -251,8 +251,8 @@ class FusedChooser:
             fused = fuse_proxy_tuning(cloud, logprobs, base, self.settings.beta)
         else:
             # Only a disagreement needs the private check (one more local evaluation).
-            lift = 0.0 if agrees or self.public_logprobs is None else \
-                private_lift(logprobs, self.public_logprobs(self.tokens))
+            lift = 0.0 if agrees or self.public_logprobs is None else private_lift(
+                logprobs, self.public_logprobs(self.tokens), int(np.argmax(cloud)))
             confidence = float(np.exp(max(lp for _, lp in candidates)))
             weight = cloud_weight(confidence, lift, self.settings.lambda_min,
                                   self.settings.lambda_max)

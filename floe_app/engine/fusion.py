@@ -151,11 +151,20 @@ def entropy(logprobs: np.ndarray, probs: np.ndarray | None = None) -> float:
     return float(-(p * logprobs).sum())  # not np.dot: BLAS threads fight the decoder for cores
 
 
-def private_lift(local_logprobs: np.ndarray, public_logprobs: np.ndarray) -> float:
-    """How much the user's private context and adapter made the local model's choice
-    likelier: log p_local(t) - log p_public(t) for its top token t (0 if they did not)."""
+def private_lift(local_logprobs: np.ndarray, public_logprobs: np.ndarray,
+                 cloud_choice: int | None = None) -> float:
+    """How strongly the user's private context and adapter speak against the cloud here:
+    how much likelier they made the local model's own choice, or how much less likely the
+    cloud's choice (log-probability ratios, with and without them; 0 if neither).
+
+    Both matter: asked "What is my dog's name?", the private notes make "Your" likelier
+    than without them, and the cloud's "I" (as in "I cannot know that") less likely.
+    """
     top = int(np.argmax(local_logprobs))
-    return max(0.0, float(local_logprobs[top] - public_logprobs[top]))
+    lift = float(local_logprobs[top] - public_logprobs[top])
+    if cloud_choice is not None and cloud_choice != top:
+        lift = max(lift, float(public_logprobs[cloud_choice] - local_logprobs[cloud_choice]))
+    return max(0.0, lift)
 
 
 def cloud_weight(cloud_confidence: float, lift: float, lambda_min: float,
