@@ -78,6 +78,52 @@ class ChatSettings:
         metadata=_rule("a whole number (-1 = random)", lambda v: v >= -1,
                        "sampling seed, for reproducible replies"),
     )
+    min_p: float = field(
+        default=0.05,
+        metadata=_rule("a number from 0 to 1 (0 = off)", lambda v: 0 <= v <= 1,
+                       "drop tokens less likely than this share of the likeliest one"),
+    )
+    repeat_penalty: float = field(
+        default=1.1,
+        metadata=_rule("a number from 1 to 2 (1 = off)", lambda v: 1 <= v <= 2,
+                       "discourage tokens the reply used recently (llama.cpp's repeat penalty)"),
+    )
+    penalty_last_n: int = field(
+        default=64,
+        metadata=_rule("a whole number from 0 to 8192", lambda v: 0 <= v <= 8192,
+                       "how many of the reply's last tokens the repeat penalties look at"),
+    )
+    presence_penalty: float = field(
+        default=0.0,
+        metadata=_rule("a number from 0 to 2", lambda v: 0 <= v <= 2,
+                       "subtracted from a recent token's logit once (OpenAI-style)"),
+    )
+    frequency_penalty: float = field(
+        default=0.0,
+        metadata=_rule("a number from 0 to 2", lambda v: 0 <= v <= 2,
+                       "subtracted from a recent token's logit per use (OpenAI-style)"),
+    )
+    dry_multiplier: float = field(
+        default=0.8,
+        metadata=_rule("a number from 0 to 5 (0 = off)", lambda v: 0 <= v <= 5,
+                       "DRY: penalty for continuing a word sequence the reply already wrote"),
+    )
+    dry_base: float = field(
+        default=1.75,
+        metadata=_rule("a number from 1 to 4", lambda v: 1 <= v <= 4,
+                       "DRY: how fast the penalty grows with the length of the repeat"),
+    )
+    dry_allowed_length: int = field(
+        default=2,
+        metadata=_rule("a whole number from 1 to 20", lambda v: 1 <= v <= 20,
+                       "DRY: repeats up to this many tokens are free"),
+    )
+    model_defaults: bool = field(
+        default=True,
+        metadata=_rule("true or false", lambda v: True,
+                       "use the sampling values a model file recommends for keys left at"
+                       " their default"),
+    )
     mode: str = field(
         default="auto",
         metadata=_rule('"auto", "local", "cloud" or "fused"',

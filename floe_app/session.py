@@ -36,7 +36,7 @@ from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback
 from floe_app.engine.probe import probe
 from floe_app.engine.profiles import CloudProfile, ProfileCache
 from floe_app.engine.redact import Redactor, Restorer, private_terms
-from floe_app.engine.sampling import Sampling
+from floe_app.engine.sampling import Sampling, sampling_from_settings
 from floe_app.errors import FloeError, ModelError
 from floe_app.paths import Paths
 from floe_app.personalize.data import Dataset, build_dataset
@@ -216,9 +216,9 @@ class ChatSession:
         return self._base_engine
 
     def sampling(self) -> Sampling:
-        c = self.config.chat
-        return Sampling(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                        max_tokens=c.max_tokens, seed=c.seed)
+        """The chat settings' sampling, with the model file's recommendations if it has any."""
+        recommended = self._engine.recommended_sampling if self._engine is not None else None
+        return sampling_from_settings(self.config.chat, recommended)
 
     def private_notes(self, conversation_id: int) -> list[str]:
         """Everything for the local model only: memory notes, plugin context, attachments."""

@@ -203,3 +203,66 @@ def test_a_lora_adapter_is_applied_and_removed_without_reloading(engine, tmp_pat
     finally:
         engine.set_adapter(None)
     np.testing.assert_allclose(engine.next_token_logprobs(tokens), base, atol=1e-4)
+
+
+# Threads on a busy computer
+
+
+def test_proc_stat_gives_busy_seconds_and_cores():
+    text = ("cpu  100 5 50 1000 20 3 2 10 0 0\n"
+            "cpu0 50 2 25 500 10 1 1 5 0 0\ncpu1 50 3 25 500 10 2 1 5 0 0\nintr 1 2\n")
+    busy, cores = hardware.parse_proc_stat(text, 100)
+    assert cores == 2 and busy == pytest.approx((100 + 5 + 50 + 3 + 2 + 10) / 100)
+
+
+def test_one_thread_per_core_that_is_free_enough():
+    assert hardware.threads_for(2.0, 2) == 2
+    assert hardware.threads_for(1.8, 2) == 2  # a little background activity costs nothing
+    assert hardware.threads_for(1.3, 2) == 1  # one core mostly taken: one thread
+    assert hardware.threads_for(0.2, 2) == 1  # never none
+    assert hardware.threads_for(7.9, 4) == 4  # never more than the cores it may use
+    assert hardware.threads_for(None, 3) == 3  # unknown: as many as allowed
+
+
+def test_monitor_counts_other_programs_and_registered_threads_as_others(monkeypatch):
+    monitor = hardware.CpuMonitor()
+    monitor.cores = 2
+    samples = iter([hardware.CpuTimes(0.0, 10.0, 4.0), hardware.CpuTimes(1.0, 11.6, 4.9)])
+    monkeypatch.setattr(monitor, "read", lambda: next(samples))
+    monitor.sample()
+    # 1.6 CPU-seconds used in one second, 0.9 of them by this process: 0.7 by others.
+    assert monitor.free_cores() == pytest.approx(1.3)
+    if monitor.available:  # the real counters on Linux
+        monkeypatch.undo()
+        monitor.count_as_other(threading.get_native_id())
+        assert monitor.read().own <= monitor.read().busy
+
+
+def test_automatic_threads_follow_the_free_cores(engine, monkeypatch):
+    lib = engine._lib
+    before = (engine.auto_threads, engine.threads, engine.max_threads)
+    free = {"cores": 0.5}
+
+    class Monitor:
+        available = True
+
+        def free_cores(self):
+            return free["cores"]
+
+    monkeypatch.setattr("floe_app.engine.local.cpu_monitor", lambda: Monitor())
+    engine.auto_threads, engine.max_threads = True, 2
+    try:
+        stats = GenerationStats()
+        list(engine.generate(engine.chat_tokens(MESSAGES), Sampling(temperature=0, max_tokens=4),
+                             stats=stats))
+        assert stats.threads[0] == 1 == lib.llama_n_threads(engine._llm._ctx.ctx)
+        free["cores"] = 2.0
+        assert engine.adapt_threads() == 2 == lib.llama_n_threads(engine._llm._ctx.ctx)
+    finally:
+        engine.auto_threads, engine.max_threads = before[0], before[2]
+        engine.set_threads(before[1])
+
+
+def test_a_fixed_thread_count_is_kept(tmp_path):
+    engine = LocalEngine.load(bundled_model_path(), threads=1, context_tokens=512)
+    assert not engine.auto_threads and engine.adapt_threads() == 1

@@ -360,3 +360,34 @@ async def test_opting_in_and_out_of_federated_rounds_in_settings(paths, config, 
         await pilot.pause()
         assert not load_config(paths)[0].federation.enabled
         assert any("nothing more is uploaded" in n.message for n in app._notifications)
+
+
+async def test_streamed_text_reaches_the_view_a_frame_at_a_time(monkeypatch):
+    from textual.widgets.markdown import MarkdownStream
+
+    writes = []
+    original = MarkdownStream.write
+
+    async def counting_write(self, fragment):
+        writes.append(fragment)
+        await original(self, fragment)
+
+    monkeypatch.setattr(MarkdownStream, "write", counting_write)
+
+    class Host(App):
+        def compose(self):
+            yield MessageView("assistant", status="streaming")
+
+    host = Host()
+    async with host.run_test(size=SIZE) as pilot:
+        view = host.query_one(MessageView)
+        view.start_stream()
+        pieces = ["Hello", ",", " world", ".", "\n\n", "- one", "\n- two"]
+        for piece in pieces:  # as the reply thread does, token by token
+            view.feed(piece)
+        await view.flush()
+        view.feed(" and more")
+        await view.end_stream()
+        await pilot.pause()
+        assert writes == ["".join(pieces), " and more"]  # one update per frame, not per token
+        assert view.body.source == "".join(pieces) + " and more"

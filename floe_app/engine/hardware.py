@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -63,3 +65,142 @@ def default_threads() -> int:
     """One thread per physical core: hyper-threads slow llama.cpp's matmuls down."""
     info = cpu_info()
     return max(1, min(info.physical_cores, info.logical_cores))
+
+
+# Threads for a busy computer. llama.cpp's threads wait for each other at every layer by
+# spinning, so one that loses its core to another program stalls all of them: on 2 cores
+# with one other busy process, 2 threads decoded at half the speed of 1. So the thread
+# count follows what other programs leave free, measured from /proc/stat.
+
+SAMPLE_S = 0.25  # how often the background sampler reads the CPU counters
+WINDOW_S = 1.0  # the span free cores are averaged over
+# A thread only pays off on a core that is at least this free (others use < 1 - this).
+CORE_FREE_ENOUGH = 0.75
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    at: float  # monotonic seconds
+    busy: float  # CPU-seconds every program has used, all cores together
+    own: float  # CPU-seconds this process used, minus the threads counted as others
+
+
+def _clock_ticks() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return 100
+
+
+def _thread_seconds(tid: int, ticks: int) -> float:
+    try:
+        text = Path(f"/proc/self/task/{tid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def parse_proc_stat(text: str, ticks: int) -> tuple[float, int]:
+    """Busy CPU-seconds over all cores and the number of cores, from /proc/stat."""
+    busy, cores = 0.0, 0
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            values = [int(v) for v in line.split()[1:9]]
+            # user nice system idle iowait irq softirq steal: idle and iowait are free.
+            busy = (sum(values) - values[3] - values[4]) / ticks
+        elif line.startswith("cpu"):
+            cores += 1
+    return busy, cores
+
+
+class CpuMonitor:
+    """How many cores other programs leave free, averaged over the last second.
+
+    "Other" is every other process, plus this process's threads registered with
+    `count_as_other` (the chat window's UI thread): llama.cpp's threads compete with them
+    just the same.
+    """
+
+    def __init__(self) -> None:
+        self._ticks = _clock_ticks()
+        self._samples: list[CpuTimes] = []
+        self._lock = threading.Lock()
+        self._others: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self.cores = cpu_info().logical_cores
+        self.available = self.read() is not None
+
+    def count_as_other(self, native_thread_id: int) -> None:
+        self._others.add(native_thread_id)
+
+    def read(self) -> CpuTimes | None:
+        try:
+            text = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+        busy, cores = parse_proc_stat(text, self._ticks)
+        if cores:
+            self.cores = min(cores, cpu_info().logical_cores)
+        times = os.times()
+        own = times.user + times.system - sum(_thread_seconds(t, self._ticks)
+                                               for t in self._others)
+        return CpuTimes(time.monotonic(), busy, own)
+
+    def start(self) -> None:
+        """Sample in the background (a few microseconds every SAMPLE_S), so the first
+        decision of a reply already knows the last second."""
+        with self._lock:
+            if self._thread is not None or not self.available:
+                return
+            self._thread = threading.Thread(target=self._run, name="floe-cpu-monitor",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            time.sleep(SAMPLE_S)
+
+    def sample(self) -> CpuTimes | None:
+        now = self.read()
+        if now is not None:
+            with self._lock:
+                self._samples.append(now)
+                del self._samples[:-int(WINDOW_S / SAMPLE_S) - 2]
+        return now
+
+    def free_cores(self) -> float | None:
+        """Cores not used by other programs over about the last WINDOW_S (None: unknown)."""
+        now = self.read()
+        if now is None:
+            return None
+        with self._lock:
+            older = [s for s in self._samples if now.at - s.at >= 0.1]
+            if not older:
+                self._samples.append(now)
+                return None
+            # The newest sample at least WINDOW_S old, else the oldest there is.
+            base = next((s for s in reversed(older) if now.at - s.at >= WINDOW_S), older[0])
+        span = now.at - base.at
+        others = max(0.0, (now.busy - base.busy) - (now.own - base.own)) / span
+        return max(0.0, self.cores - others)
+
+
+def threads_for(free_cores: float | None, most: int) -> int:
+    """Decode threads for this many free cores: one per core that is free enough."""
+    if free_cores is None:
+        return most
+    return max(1, min(most, int(free_cores + 1 - CORE_FREE_ENOUGH)))
+
+
+_monitor: CpuMonitor | None = None
+
+
+def cpu_monitor() -> CpuMonitor:
+    """The process's one monitor, sampling in the background from the first call."""
+    global _monitor
+    if _monitor is None:
+        _monitor = CpuMonitor()
+        _monitor.start()
+    return _monitor

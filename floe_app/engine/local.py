@@ -20,8 +20,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from floe_app.engine.fusion import Vocabulary
-from floe_app.engine.hardware import cpu_info, default_threads
-from floe_app.engine.sampling import Sampling, log_softmax, sample_token
+from floe_app.engine.hardware import cpu_info, cpu_monitor, default_threads, threads_for
+from floe_app.engine.sampling import (
+    DRY_BREAKERS,
+    Sampling,
+    log_softmax,
+    penalize,
+    recommended_sampling,
+    sample_token,
+)
 from floe_app.errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -36,6 +43,9 @@ CHATML_TEMPLATE = (
 )
 
 ProgressCallback = Callable[[float], None]
+
+# With automatic threads, how often a reply re-checks what other programs leave free.
+ADAPT_EVERY_S = 0.5
 
 # llama.cpp is not thread-safe, and its params hook below is process-wide.
 _LOAD_LOCK = threading.Lock()
@@ -152,6 +162,7 @@ class GenerationStats:
     tokens_per_s: float = 0.0
     finish_reason: str = ""
     gaps_ms: list[float] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)  # the thread count at each (re)choice
     _started: float = field(default_factory=time.perf_counter, repr=False)
     _last: float = field(default=0.0, repr=False)
     _decoding_s: float = field(default=0.0, repr=False)
@@ -192,14 +203,18 @@ def _adapter_meta(lib: Any, handle: Any, key: str) -> str | None:
 class LocalEngine:
     """One loaded GGUF model with its context; every call is serialized by a lock."""
 
-    def __init__(self, llm: Any, path: Path, threads: int) -> None:
+    def __init__(self, llm: Any, path: Path, threads: int, auto_threads: bool = False
+                 ) -> None:
         import llama_cpp.llama_cpp as lib
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._lib = lib
         self._llm = llm
         self.path = path
-        self.threads = threads
+        self.threads = threads  # in use now
+        self.max_threads = threads
+        # Automatic: fewer threads while other programs keep cores busy (see hardware.py).
+        self.auto_threads = auto_threads and cpu_monitor().available
         self.lock = threading.RLock()
         self.adapter_path: Path | None = None
         self._adapter_handle: Any = None
@@ -216,13 +231,18 @@ class LocalEngine:
             bos_token=self.token_text(bos) if bos >= 0 else "",
         )
         self._vocabulary: Vocabulary | None = None
+        self._breakers: dict[int, bool] = {}  # token -> whether DRY stops at it
 
     @classmethod
     def load(cls, path: Path, *, threads: int = 0, context_tokens: int = 4096,
              adapter: Path | None = None, progress: ProgressCallback | None = None
              ) -> LocalEngine:
-        """Load a GGUF model; raises ModelError with a one-line reason on failure."""
+        """Load a GGUF model; raises ModelError with a one-line reason on failure.
+
+        threads=0: automatic, up to one per physical core and fewer while other programs
+        keep cores busy, chosen again during every reply."""
         check_model_file(path)
+        auto = threads == 0
         threads = threads or default_threads()
         from llama_cpp import Llama
 
@@ -237,10 +257,23 @@ class LocalEngine:
                     f"llama.cpp could not load {path}: the file is corrupt, truncated or"
                     " not a supported model"
                 ) from exc
-        engine = cls(llm, path, threads)
+        engine = cls(llm, path, threads, auto_threads=auto)
         if adapter is not None:
             engine.set_adapter(adapter)
         return engine
+
+    def set_threads(self, threads: int) -> None:
+        """Decode (and prompt) threads from the next evaluation on."""
+        with self.lock:
+            if threads != self.threads:
+                self._lib.llama_set_n_threads(self._llm._ctx.ctx, threads, threads)
+                self.threads = threads
+
+    def adapt_threads(self) -> int:
+        """With automatic threads: as many as other programs leave cores free for now."""
+        if self.auto_threads:
+            self.set_threads(threads_for(cpu_monitor().free_cores(), self.max_threads))
+        return self.threads
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -265,6 +298,19 @@ class LocalEngine:
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def is_dry_breaker(self, token: int) -> bool:
+        """Whether the token holds a line break, colon, quote or asterisk (DRY stops there)."""
+        known = self._breakers.get(token)
+        if known is None:
+            text = self._llm.detokenize([token]).decode("utf-8", errors="replace")
+            known = self._breakers[token] = any(c in text for c in DRY_BREAKERS)
+        return known
+
+    @property
+    def recommended_sampling(self) -> dict[str, float | int]:
+        """Sampling settings the GGUF recommends for itself (general.sampling.*), if any."""
+        return recommended_sampling(self._llm.metadata)
 
     def vocabulary(self) -> Vocabulary:
         """Every token's bytes, indexed for fusion (built once, ~0.1 s)."""
@@ -328,7 +374,9 @@ class LocalEngine:
                  chooser: TokenChooser | None = None) -> Iterator[TokenStep]:
         """Stream tokens until end of generation, max_tokens, a full context or cancel.
 
-        `chooser` picks each token from the model's distribution (default: sampling).
+        `chooser` picks each token from the model's distribution (default: sampling). The
+        repetition penalties of `sampling` are applied to that distribution first, so every
+        chooser sees (and the steps report) the penalized log-probabilities.
         """
         stats = stats if stats is not None else GenerationStats()
         chooser = chooser or SamplingChooser(sampling)
@@ -336,23 +384,31 @@ class LocalEngine:
         rng = np.random.default_rng(None if sampling.seed < 0 else sampling.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens = list(prompt_tokens)
+        generated: list[int] = []
         stats.begin()
         with self.lock:
+            stats.threads.append(self.adapt_threads())
+            adapted = time.perf_counter()
             stats.finish_reason = "length"
             for _ in range(sampling.max_tokens):
+                if self.auto_threads and time.perf_counter() - adapted >= ADAPT_EVERY_S:
+                    stats.threads.append(self.adapt_threads())
+                    adapted = time.perf_counter()
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break
                 if len(tokens) >= self.n_ctx:
                     stats.finish_reason = "context"
                     break
-                logprobs = log_softmax(self._eval(tokens))
+                logits = penalize(self._eval(tokens), generated, sampling, self.is_dry_breaker)
+                logprobs = log_softmax(logits)
                 token = chooser.choose(logprobs, rng)
                 if self.is_end_of_generation(token):
                     stats.finish_reason = "stop"
                     break
                 stats.token()
                 tokens.append(token)
+                generated.append(token)
                 piece = self._llm.detokenize([token])
                 chooser.accept(token, piece)
                 yield TokenStep(token, decoder.decode(piece), float(logprobs[token]))

@@ -20,8 +20,6 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Input, ListView
-from textual.widgets import Markdown as MarkdownWidget
-from textual.widgets.markdown import MarkdownStream
 
 from floe_app.config import Config, FederationSettings, write_config
 from floe_app.errors import FloeError
@@ -39,6 +37,12 @@ from floe_app.tui.widgets.chat import ChatView, MessageView
 from floe_app.tui.widgets.prompt import PromptInput
 from floe_app.tui.widgets.sidebar import ConversationItem, Sidebar
 from floe_app.tui.widgets.status import StatusBar
+
+# How often streamed text reaches the screen. Each update re-lays out the conversation
+# (~10 ms of Python on the UI thread), which competes with decoding for the same cores and
+# interpreter: per token, the chat ran at half the speed of `floe ask`. 20 frames a second
+# still reads as smooth streaming.
+FRAME_S = 1 / 20
 
 # Keys handled by the message box itself; listed in the help screen with the bindings.
 INPUT_KEYS = [("Enter", "Send the message"), ("Shift+Enter / Ctrl+J", "New line in the message"),
@@ -113,7 +117,8 @@ class FloeApp(App[None]):
         self.pending_mode: str | None = None  # chosen before the new chat's first message
         self.generating = False
         self._cancel = threading.Event()
-        self._streams: dict[MessageView, MarkdownStream] = {}
+        self._streaming: set[MessageView] = set()
+        self._frame: Timer | None = None  # the frame clock, running while a reply streams
         self._reported: set[str] = set()  # plugin problems already shown
         self._training_timer: Timer | None = None
         self._seen_job: float | None = None  # when the last finished job was reported
@@ -244,7 +249,11 @@ class FloeApp(App[None]):
         chat = self.query_one(ChatView)
         await chat.add_message("user", text)
         view = await chat.add_message("assistant", "", status="streaming")
-        self._streams[view] = MarkdownWidget.get_stream(view.body)
+        view.start_stream()
+        self._streaming.add(view)
+        if self._frame is None:
+            self._frame = self.set_interval(FRAME_S, self.show_streamed_text)
+        self._frame.resume()
         self.generating = True
         self.query_one(StatusBar).state = "replying… (Esc to stop)"
         self.run_reply(self.conversation_id, text, view)
@@ -252,8 +261,14 @@ class FloeApp(App[None]):
     @work(thread=True, exclusive=True, group="reply")
     def run_reply(self, conversation_id: int, text: str, view: MessageView) -> None:
         self._cancel = cancel = threading.Event()
+        first = True
         try:
             for event in self.session.reply(conversation_id, text, cancel):
+                if isinstance(event, Delta):
+                    view.feed(event.text)  # shown on the next frame
+                    if not first:
+                        continue
+                    first = False  # the first words go to the screen at once
                 self.post_message(ReplyProgress(view, event))
         except FloeError as exc:
             self.post_message(ReplyProgress(view, Failed(str(exc)), text))
@@ -266,30 +281,37 @@ class FloeApp(App[None]):
         shown = view.is_attached
         if isinstance(event, Saved):
             view.saved_user_message = True
-        elif isinstance(event, Delta) and shown:
-            await self._streams[view].write(event.text)
+        elif isinstance(event, Delta):
+            await view.flush()
         elif isinstance(event, Notice) and shown:
             await chat.add_notice(event.text, before=view)
         elif isinstance(event, Finished | Failed):
-            self.generating = False
-            stream = self._streams.pop(view, None)
-            if stream is not None:
-                await stream.stop()
-            status = self.query_one(StatusBar)
-            status.state = ""
-            if isinstance(event, Finished):
-                view.message_id = event.message_id
-                view.set_status(event.status)
-                status.last_stats = event.stats
-            else:
-                view.set_status("error")
-                await chat.add_notice(f"**Could not reply:** {event.error}")
-                prompt = self.query_one(PromptInput)
-                if not view.saved_user_message and not prompt.text:
-                    prompt.text = message.text
-                    self.notify("Your message was not saved; it is back in the message box.",
-                                severity="warning")
-            await self.refresh_sidebar()
+            self._streaming.discard(view)
+            if not self._streaming and self._frame is not None:
+                self._frame.pause()
+            try:  # "done" only once the whole reply, its status and the sidebar show
+                await view.end_stream()
+                status = self.query_one(StatusBar)
+                status.state = ""
+                if isinstance(event, Finished):
+                    view.message_id = event.message_id
+                    view.set_status(event.status)
+                    status.last_stats = event.stats
+                else:
+                    view.set_status("error")
+                    await chat.add_notice(f"**Could not reply:** {event.error}")
+                    prompt = self.query_one(PromptInput)
+                    if not view.saved_user_message and not prompt.text:
+                        prompt.text = message.text
+                        self.notify("Your message was not saved; it is back in the message box.",
+                                    severity="warning")
+                await self.refresh_sidebar()
+            finally:
+                self.generating = False
+
+    async def show_streamed_text(self) -> None:
+        for view in list(self._streaming):
+            await view.flush()
 
     @work(thread=True, group="command")
     def run_slash_command(self, text: str) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
 
 from floe_app.store import Message
 
@@ -29,6 +32,10 @@ class MessageView(Vertical):
         self.corrected = corrected
         # For a reply: whether the message it answers reached the database.
         self.saved_user_message = False
+        # While a reply streams: text from the reply thread, shown on the app's frame clock.
+        self._pending: list[str] = []
+        self._pending_lock = threading.Lock()
+        self._stream: MarkdownStream | None = None
 
     def compose(self) -> ComposeResult:
         yield Label(self._heading(), classes="author")
@@ -54,6 +61,32 @@ class MessageView(Vertical):
     @property
     def body(self) -> Markdown:
         return self.query_one(".body", Markdown)
+
+    # Streaming: the reply thread only queues text (cheap, any thread); the UI thread moves
+    # it into the Markdown a frame at a time, so a reply costs one layout per frame rather
+    # than one per token.
+
+    def start_stream(self) -> None:
+        self._stream = Markdown.get_stream(self.body)
+
+    def feed(self, text: str) -> None:
+        """Queue streamed text; safe to call from any thread."""
+        with self._pending_lock:
+            self._pending.append(text)
+
+    async def flush(self) -> None:
+        """Show the text queued since the last frame (UI thread)."""
+        with self._pending_lock:
+            text = "".join(self._pending)
+            self._pending.clear()
+        if text and self._stream is not None and self.is_attached:
+            await self._stream.write(text)
+
+    async def end_stream(self) -> None:
+        await self.flush()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.stop()
 
 
 class ChatView(VerticalScroll):
