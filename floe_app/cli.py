@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from floe_app import __version__
 from floe_app.errors import FloeError, UsageError
@@ -23,8 +23,13 @@ if TYPE_CHECKING:
     from floe_app.session import ChatSession
 
 
+class FloeParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        super().error(one_line(message))  # it quotes the arguments: keep it on one line
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FloeParser(
         prog="floe", description="Chat with a small language model that runs on this computer.",
         epilog="With no command, floe opens the chat in the terminal.")
     parser.add_argument("--version", action="version", version=f"floe {__version__}")
@@ -169,23 +174,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     private_umask()  # everything Floe and its children write is private to this account
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in HANDLERS:
-        # Not one of ours: perhaps a plugin's command (plugins load only on this path).
-        handled = run_plugin_command(argv[0], argv[1:])
-        if handled is not None:
-            return handled
-    args = parser.parse_args(argv)
+    # Bytes that are not UTF-8 reach Python as lone surrogates, which SQLite and the terminal
+    # refuse; they become U+FFFD, so the rest of the text is kept.
+    argv = [_utf8(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     try:
+        if argv and not argv[0].startswith("-") and argv[0] not in HANDLERS:
+            # Not one of ours: perhaps a plugin's command (plugins load only on this path).
+            handled = run_plugin_command(argv[0], argv[1:])
+            if handled is not None:
+                return handled
+        args = parser.parse_args(argv)
         if args.command is None:
             return run_tui(args)
         return HANDLERS[args.command](args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
-        print(f"floe: error: {exc}", file=sys.stderr)
+        print(f"floe: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except FloeError as exc:
-        print(f"floe: error: {exc}", file=sys.stderr)
+        print(f"floe: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("floe: interrupted", file=sys.stderr)
@@ -193,6 +200,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `floe history show 1 | head`
         sys.stderr.close()
         return 0
+    except Exception as exc:  # a bug: still one line (FLOE_DEBUG=1 for the traceback)
+        if os.environ.get("FLOE_DEBUG"):
+            raise
+        print(f"floe: error: unexpected {type(exc).__name__}: {one_line(str(exc))}"
+              " (a bug in Floe: please report it; FLOE_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
+
+
+def _utf8(arg: str) -> str:
+    try:
+        return arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte produced
+        return arg.encode("utf-8", "replace").decode("utf-8")
+
+
+def one_line(text: str) -> str:
+    """An error on one line: a file name or plugin message may hold newlines or controls."""
+    return "".join(c if c.isprintable() else " " for c in text)
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -221,7 +246,7 @@ def run_plugin_command(name: str, words: list[str]) -> int | None:
         session = open_session(argparse.Namespace(model=None), plugins)
         print(session.run_command(None, f"/{name} {' '.join(words)}"))
     except FloeError as exc:
-        print(f"floe: error: {exc}", file=sys.stderr)
+        print(f"floe: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     return 0
 
@@ -363,7 +388,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     try:
         output.write_text(text + "\n", encoding="utf-8")
     except OSError as exc:
-        raise FloeError(f"cannot write {output}: {exc.strerror}") from exc
+        raise FloeError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL byte in the name
+        raise FloeError(f"cannot write {str(output)!r}: {exc}") from exc
     print(output)
     return 0
 

@@ -410,8 +410,16 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
             return tomllib.load(fh), []
     except tomllib.TOMLDecodeError as exc:
         return {}, [f"{path}: not valid TOML ({exc}); using defaults for every key"]
+    except UnicodeDecodeError as exc:
+        return {}, [f"{path}: not UTF-8 text (byte {exc.start}); using defaults for every key"]
     except OSError as exc:
         return {}, [f"{path}: cannot be read ({exc.strerror}); using defaults for every key"]
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A name or value from the user's file, on one line and not too long (warnings)."""
+    text = value if isinstance(value, str) and value.isprintable() else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_config(raw: dict[str, Any], origin: str = "config.toml") -> tuple[Config, list[str]]:
@@ -422,7 +430,7 @@ def parse_config(raw: dict[str, Any], origin: str = "config.toml") -> tuple[Conf
     sections = {f.name for f in dataclasses.fields(Config)}
     for section, values in raw.items():
         if section not in sections:
-            warnings.append(f"{origin}: unknown section [{section}] is ignored")
+            warnings.append(f"{origin}: unknown section [{_shown(section)}] is ignored")
             continue
         if not isinstance(values, dict):
             warnings.append(f"{origin}: {section} should be a [{section}] table; using defaults")
@@ -432,13 +440,14 @@ def parse_config(raw: dict[str, Any], origin: str = "config.toml") -> tuple[Conf
             if spec is None and f"{section}.{name}" in RETIRED_KEYS:
                 continue
             if spec is None:
-                warnings.append(f"{origin}: unknown key {section}.{name} is ignored")
+                warnings.append(f"{origin}: unknown key {section}.{_shown(name)} is ignored")
                 continue
             try:
                 setattr(getattr(config, section), name, spec.coerce(value))
             except ValueError:
                 warnings.append(
-                    f"{origin}: {spec.key} = {value!r} is not allowed; expected {spec.allowed}."
+                    f"{origin}: {spec.key} = {_shown(repr(value))} is not allowed; expected"
+                    f" {spec.allowed}."
                     f" Using the default {spec.default!r}"
                 )
     return config, warnings

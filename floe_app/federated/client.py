@@ -61,7 +61,7 @@ class RoundPlan:
                        float(record["clip-norm"]), float(record["noise-multiplier"]),
                        int(record["steps"]), float(record["learning-rate"]),
                        str(record["base-model"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise Declined(f"malformed round instructions ({exc!r})") from None
         if not (1 <= plan.rank <= 256 and plan.clip_norm > 0 and plan.noise_multiplier >= 0
                 and 0 <= plan.steps <= 1000 and 0 < plan.learning_rate < 1

@@ -28,8 +28,8 @@ def arrays_problem(arrays: Arrays, expected: Shapes) -> str | None:
         what = []
         if missing:
             what.append(f"{len(missing)} missing (e.g. {sorted(missing)[0]})")
-        if extra:
-            what.append(f"{len(extra)} unexpected (e.g. {sorted(extra)[0]})")
+        if extra:  # a name from the other side, shown quoted: it may hold anything
+            what.append(f"{len(extra)} unexpected (e.g. {sorted(extra)[0]!r:.60})")
         return "wrong tensors: " + ", ".join(what)
     for key in sorted(expected):
         array = arrays[key]

@@ -147,24 +147,51 @@ class GgufAdapter:
         return out
 
 
+def _factors_problem(tensors: dict[str, np.ndarray]) -> str | None:
+    """Why these tensors are not pairs of finite LoRA factors (A: r x in, B: out x r)."""
+    for name, array in tensors.items():
+        if not name.endswith((".lora_a", ".lora_b")):
+            return f"unexpected tensor {name[:60]!r}"
+        other = tensors.get(name[:-1] + ("b" if name.endswith("a") else "a"))
+        if other is None:
+            return f"{name[:60]!r} has no partner factor"
+        if array.ndim != 2 or other.ndim != 2:
+            return f"{name[:60]!r} is not a matrix"
+        a, b = (array, other) if name.endswith("a") else (other, array)
+        if a.shape[0] != b.shape[1] or a.shape[0] == 0:
+            return f"{name[:60]!r}: ranks do not match"
+        if not np.isfinite(array).all():
+            return f"{name[:60]!r} holds NaN or infinite values"
+    return None
+
+
 def read_gguf_adapter(path: Path) -> GgufAdapter:
     """Read an adapter file; ValueError if it is not a LoRA adapter."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
 
-    def field(key: str) -> object:
-        found = reader.get_field(key)
-        return None if found is None else found.contents()
+        def field(key: str) -> object:
+            found = reader.get_field(key)
+            return None if found is None else found.contents()
 
-    if field("general.type") != "adapter" or field("adapter.type") != "lora":
-        raise ValueError(f"{Path(path).name} is not a LoRA adapter")
-    # GGUF stores dims innermost first; numpy's shape is the reverse, as written.
-    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(
-        tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
-    return GgufAdapter(tensors, float(field("adapter.lora.alpha") or 0.0),
-                       str(field("floe.base_model") or ""),
-                       str(field("general.architecture") or ""))
+        if field("general.type") != "adapter" or field("adapter.type") != "lora":
+            raise ValueError(f"{Path(path).name} is not a LoRA adapter")
+        # GGUF stores dims innermost first; numpy's shape is the reverse, as written.
+        tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(
+            tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
+        problem = _factors_problem(tensors)
+        if problem:
+            raise ValueError(f"{Path(path).name} is not a usable LoRA adapter: {problem}")
+        return GgufAdapter(tensors, float(field("adapter.lora.alpha") or 0.0),
+                           str(field("floe.base_model") or ""),
+                           str(field("general.architecture") or ""))
+    except (OSError, ValueError):
+        raise
+    except Exception as exc:  # gguf's parser on a damaged file: IndexError, struct errors...
+        raise ValueError(f"{Path(path).name} is not a readable GGUF file"
+                         f" ({type(exc).__name__}: {exc})") from None
 
 
 def compose(adapters: list[GgufAdapter]) -> dict[str, np.ndarray]:

@@ -120,7 +120,11 @@ class Registry:
         if mine.base_identity != ours.base_identity:
             raise FloeError(f"it was made for another base model ({ours.base_identity})")
         try:
-            return write_gguf_tensors(target, compose([mine, ours]), alpha=0.0,
+            tensors = compose([mine, ours])
+        except ValueError as exc:  # factors whose shapes do not stack
+            raise FloeError(f"it does not fit the personal adapter ({exc})") from None
+        try:
+            return write_gguf_tensors(target, tensors, alpha=0.0,
                                       base=BaseModel(mine.base_identity, mine.arch, 0, 0))
         except OSError as exc:
             raise FloeError(f"cannot write the composed adapter: {exc.strerror or exc}"
