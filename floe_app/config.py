@@ -245,6 +245,12 @@ class FusionSettings:
         metadata=_rule("a whole number from 100 to 60000", lambda v: 100 <= v <= 60000,
                        "how long the cloud may take to start answering before it is given up"),
     )
+    batch_tokens: int = field(
+        default=16,
+        metadata=_rule("a whole number from 0 to 16 (0 = off)", lambda v: 0 <= v <= 16,
+                       "most of the cloud's tokens ahead of the reply checked in one local"
+                       " batch (speculative decoding with the cloud as the drafter)"),
+    )
     max_requests: int = field(
         default=3,
         metadata=_rule("a whole number from 1 to 50", lambda v: 1 <= v <= 50,

@@ -584,7 +584,7 @@ class ChatSession:
 
         chooser = FusedChooser(engine.vocabulary(), client, cloud_messages, run.redactor,
                                self.config.fusion, sampling, run.fusion, public_logprobs,
-                               run.recorder)
+                               run.recorder, lambda text: engine.tokenize(text, special=False))
         shown = 0
         try:
             for step in engine.generate(tokens, sampling, cancel, run.stats, chooser):
@@ -721,6 +721,14 @@ class ReplyRun:
         }
         if self.fusion is not None:
             summary["cloud"] = self.fusion.summary()
+            if self.mode == "fused":
+                summary["cloud"]["batches"] = {
+                    "count": stats.batches,
+                    "accepted": round(stats.accepted / max(1, stats.tokens), 3),
+                    "mean_length": round(stats.drafted / max(1, stats.batches), 1),
+                    "acceptance": round(stats.accepted / max(1, stats.drafted), 3),
+                    "scoring_ms": round(stats.scoring_s * 1000, 1),
+                    "decoding_ms": round(stats.decoding_s * 1000, 1)}
         return summary
 
 

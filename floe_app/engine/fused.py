@@ -99,7 +99,8 @@ class FusedChooser:
                  cloud_messages: list[dict[str, str]], redactor: Redactor,
                  settings: FusionSettings, sampling: Sampling, stats: FusionStats,
                  public_logprobs: Callable[[list[int]], np.ndarray] | None = None,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 tokenize: Callable[[str], list[int]] | None = None) -> None:
         self.vocab = vocab
         self.client = client
         self.recorder = recorder
@@ -110,6 +111,7 @@ class FusedChooser:
         self.stats = stats
         # The SLM without the user's private context and adapter (None: it has neither).
         self.public_logprobs = public_logprobs
+        self.tokenize = tokenize  # the local tokenizer, to draft the cloud's text ahead
         self.notices: list[str] = []
         self.reply = b""
         self.tokens: list[int] = []
@@ -266,6 +268,28 @@ class FusedChooser:
         if token != local_top:
             self.stats.overruled += 1
         return token
+
+    def draft(self, limit: int) -> list[int]:
+        """The cloud's text ahead of the reply as local tokens, to be scored in one batch
+        and accepted while the fused choice agrees (speculative decoding with the cloud
+        as the drafter). Whole tokens only: the last one may still be growing."""
+        stream = self.stream
+        limit = min(limit, self.settings.batch_tokens)
+        if self.tokenize is None or stream is None or stream.profile is None or \
+                self.anchor is None or limit < 2:
+            return []
+        reply_at, cloud_at = self.anchor
+        written = stream.text[:cloud_at] + self.reply[reply_at:]
+        ahead = stream.text[len(written):]
+        if len(ahead) < 2 or diverged(written, stream.text):
+            return []
+        try:
+            text = ahead.decode("utf-8")
+        except UnicodeDecodeError as exc:  # ends (or starts) inside a character
+            text = ahead[:exc.start].decode("utf-8")
+        if not text:
+            return []
+        return self.tokenize(text)[:-1][:limit]
 
     def accept(self, token: int, piece: bytes) -> None:
         self.tokens.append(token)
