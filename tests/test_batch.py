@@ -134,15 +134,16 @@ def test_cancel_in_the_middle_of_a_batch_stops_and_leaves_the_cache_usable(engin
     assert again == plain
 
 
-def chooser_with(text: bytes, tokenize, finished=False):
+def chooser_with(text: bytes, tokenize, finished=False, known=None):
     stream = CloudStream(CloudTarget("http://x/v1", "m"))
     stream.profile = PRESETS["llama-cpp-python"]
     stream.tokens = [CloudToken(0, text, ((text, -0.1),))]
     stream.text = text
     stream.finished = finished
+    stream.assembler.saw_logprobs = True
 
     class Client:
-        known_profile = None
+        known_profile = known
 
         def stream(self, *args, **kwargs):
             return stream
@@ -212,3 +213,19 @@ def test_batched_fused_replies_equal_token_by_token_ones(store, config, engine, 
         assert accepted >= 1  # the cloud's tokens were taken from batches
     finally:
         replay.close()
+
+
+def test_no_request_is_repeated_without_more_of_the_reply_to_send():
+    chooser = chooser_with(b"The capital of France is Paris.", None,
+                           known=PRESETS["llama-cpp-python"])
+    sure = np.zeros(1)  # a local token so sure that nothing waits
+    chooser.accept(0, b"Well")  # left the cloud's text inside the reply's first word
+    assert chooser._cloud_candidates(sure) is None
+    assert chooser.stats.requests == 1 and chooser.anchor is None  # the same "" again: no
+    chooser.accept(0, b",")
+    chooser._cloud_candidates(sure)
+    assert chooser.stats.requests == 1
+    chooser.accept(0, b" the")  # "Well, " is a complete word more to send
+    chooser._cloud_candidates(sure)
+    assert chooser.stats.requests == 2 and chooser.stats.restarts == 1
+    assert chooser.origin == len(b"Well,")

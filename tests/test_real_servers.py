@@ -276,9 +276,6 @@ def test_restarts_send_the_reply_so_far_as_a_trailing_assistant_message(
                 stream.prefix.strip()[:16]), (stream.prefix, stream.text)
 
 
-@pytest.mark.xfail(strict=True, reason="floe_app/engine/fused.py: a reply that leaves the"
-                   " cloud's text inside its first word restarts with the same empty prefix,"
-                   " so a greedy cloud answers the same and each restart is a wasted request")
 def test_a_restart_sends_more_of_the_reply_than_the_request_before(
         make_session, llama_config, store, engine, monkeypatch, streams):
     from floe_app.engine.fused import FusedChooser

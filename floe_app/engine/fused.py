@@ -124,14 +124,26 @@ class FusedChooser:
         self.step_started: float | None = None
         self._start_stream()
 
-    def _start_stream(self) -> None:
+    def _next_prefix(self) -> tuple[str, int]:
+        """What of the reply a new request would send (complete words only, redacted) and
+        where in the reply it ends."""
         profile = self.client.known_profile
-        if self.reply and profile is not None and profile.can_continue:
-            clear = safe_prefix(self.reply.decode("utf-8", errors="ignore")).rstrip(" ")
-            prefix = self.redactor.redact(clear)
-            origin = len(clear.encode("utf-8"))
-        else:
-            prefix, origin = "", 0
+        if not self.reply or profile is None or not profile.can_continue:
+            return "", 0
+        clear = safe_prefix(self.reply.decode("utf-8", errors="ignore")).rstrip(" ")
+        return self.redactor.redact(clear), len(clear.encode("utf-8"))
+
+    def _can_ask_again(self, stream: CloudStream) -> bool:
+        """Another request is worth it: the cloud can continue, the cap allows, and there
+        is more of the reply to send than last time (else a greedy cloud says the same)."""
+        profile = stream.profile
+        return (profile is not None and profile.can_continue
+                and self.stats.requests < self.settings.max_requests
+                and self._next_prefix()[1] > self.origin)
+
+    def _start_stream(self) -> None:
+        prefix, origin = self._next_prefix()
+        self.origin = origin  # where in the reply this request's continuation starts
         self.anchor = (origin, 0)
         self.stream = self.client.stream(
             self.cloud_messages, prefix, max_tokens=self.sampling.max_tokens,
@@ -150,17 +162,18 @@ class FusedChooser:
     def _left_cloud_text(self, stream: CloudStream, written: bytes) -> None:
         """The reply just left the cloud's text: ask again if it can continue and the cap
         allows, else look for the reply's place in the text it has."""
-        profile = stream.profile
         assert self.anchor is not None
-        if profile is not None and profile.can_continue and \
-                self.stats.requests < self.settings.max_requests:
-            stream.cancel()
-            self.stats.restarts += 1
-            self._start_stream()
+        if self._can_ask_again(stream):
+            self._ask_again(stream)
             return
         self.lost_at = self.anchor[1] + common_prefix(written[self.anchor[1]:],
                                                       stream.text[self.anchor[1]:])
         self.anchor = None
+
+    def _ask_again(self, stream: CloudStream) -> None:
+        stream.cancel()
+        self.stats.restarts += 1
+        self._start_stream()
 
     def _written(self, stream: CloudStream) -> bytes | None:
         """The reply as the cloud's text would have it: its own text up to the anchor, then
@@ -168,6 +181,8 @@ class FusedChooser:
         if self.anchor is None:
             at = realign(self.reply, stream.text, self.lost_at)
             if at is None:
+                if self._can_ask_again(stream):  # the reply has grown by a word since
+                    self._ask_again(stream)
                 return None
             self.anchor = (len(self.reply), at)
             self.stats.realigned += 1
