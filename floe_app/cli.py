@@ -149,8 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="total rounds (a restarted serve carries on to this number)")
     serve.add_argument("--rank", type=int, default=16, help="rank of the shared adapter")
     serve.add_argument("--clip-norm", type=float, default=1.0)
-    serve.add_argument("--noise-multiplier", type=float, default=1.0,
-                       help="least DP noise every update must carry")
+    serve.add_argument("--privacy", default="auto",
+                       choices=["auto", "none", "central", "local", "distributed"],
+                       help="auto (default): DP noise added by the server when enough devices"
+                            " per round can bear it, else none (said to every device); none;"
+                            " central (the server adds the noise once to the sum); local"
+                            " (every device adds it); distributed needs secure aggregation"
+                            " (not available)")
+    serve.add_argument("--epsilon", type=float, default=8.0,
+                       help="DP target per user over all rounds, at --delta")
+    serve.add_argument("--delta", type=float, default=1e-5)
+    serve.add_argument("--noise-multiplier", type=float, default=None,
+                       help="DP noise multiplier (default: the least that meets --epsilon)")
+    serve.add_argument("--perplexity-margin", type=float, default=0.05,
+                       help="do not publish an aggregate that raises general-text"
+                            " perplexity more than this at every device rank")
     serve.add_argument("--steps", type=int, default=20, help="local steps per round")
     serve.add_argument("--learning-rate", type=float, default=2e-3)
     serve.add_argument("--min-nodes", type=int, default=2,
@@ -557,12 +570,20 @@ def cmd_federation(args: argparse.Namespace) -> int:
     options = service.ServeOptions(
         state_dir=(args.state_dir or paths.data_dir / "federation").expanduser().resolve(),
         run_config={"rounds": args.rounds, "rank": args.rank, "clip-norm": args.clip_norm,
-                    "noise-multiplier": args.noise_multiplier, "steps": args.steps,
+                    "noise-multiplier": -1.0 if args.noise_multiplier is None
+                    else args.noise_multiplier, "steps": args.steps,
                     "learning-rate": args.learning_rate, "min-nodes": args.min_nodes,
-                    "round-timeout": args.round_timeout},
+                    "round-timeout": args.round_timeout, "privacy": args.privacy,
+                    "epsilon": args.epsilon, "delta": args.delta,
+                    "perplexity-margin": args.perplexity_margin},
         host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile, ssl_ca_certfile=args.ssl_ca_certfile,
         supernode_auth=args.supernode_auth, keep=args.keep)
+    if args.privacy == "distributed":
+        from floe_app.federated.privacy import NO_SECURE_AGGREGATION
+
+        print(f"floe: --privacy distributed: {NO_SECURE_AGGREGATION}", file=sys.stderr)
+        return 2
     if options.host not in service.LOOPBACK and not options.ssl_certfile:
         print("floe: warning: serving beyond this machine without TLS (--ssl-certfile):"
               " updates travel unencrypted", file=sys.stderr)
@@ -573,8 +594,9 @@ def cmd_federation(args: argparse.Namespace) -> int:
               f" devices join with federation.address = {options.host}:{options.port}",
               flush=True)
         run_id = operator.submit()
-        print(f"Run {run_id}: {args.rounds} rounds at rank {args.rank}, noise x"
-              f"{args.noise_multiplier:g}, clip {args.clip_norm:g}", flush=True)
+        print(f"Run {run_id}: {args.rounds} rounds at rank {args.rank}, clip"
+              f" {args.clip_norm:g}, privacy {args.privacy} (the server's first line says"
+              " what it chose and why)", flush=True)
         status = operator.follow(run_id, lambda line: print(line, flush=True))
         print(f"Run {run_id} {status}", flush=True)
         if not status.startswith("finished:completed"):

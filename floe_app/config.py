@@ -332,10 +332,19 @@ class FederationSettings:
         metadata=_rule("a file path or empty", lambda v: True,
                        "this device's private key, if the federation authenticates nodes"),
     )
+    require: str = field(
+        default="any",
+        metadata=_rule("any, formal_dp, local_dp or secure_aggregation",
+                       lambda v: v in ("any", "formal_dp", "local_dp", "secure_aggregation"),
+                       "which federations this device takes part in: any; only with a formal"
+                       " DP guarantee; only with noise added on this device; only where the"
+                       " operator sees just the sum (none yet)"),
+    )
     min_noise_multiplier: float = field(
-        default=1.0,
+        default=0.0,
         metadata=_rule("a number from 0 to 100", lambda v: 0 <= v <= 100,
-                       "least DP noise added to uploads (noise std / clipping bound)"),
+                       "least DP noise multiplier a federation must use (0: no minimum);"
+                       " under local DP this device adds at least this much itself"),
     )
     max_epsilon: float = field(
         default=10.0,

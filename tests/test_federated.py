@@ -323,3 +323,121 @@ def test_a_shared_adapter_that_harms_general_text_is_refused(session, engine):
                               base_of(engine), perplexity_margin=0.05)
     assert session.store.shared_adapters() == []
     assert list((session.paths.data_dir / "shared").iterdir()) == []
+
+
+# Privacy: what a device accepts, the statement it shows, the server's check
+
+
+def policy_of(mode, **changes):
+    from floe_app.federated import privacy
+
+    chosen = privacy.choose(mode, expected_nodes=3, rounds=2, coordinates=737_280,
+                            clip_norm=1.0, target_epsilon=8.0, delta=1e-5,
+                            noise_multiplier=None if mode in ("auto", "none") else 1.0)
+    return privacy.Policy(**{**chosen.__dict__, **changes})
+
+
+def test_a_device_accepts_what_its_settings_allow(config):
+    auto, central, local = policy_of("auto"), policy_of("central"), policy_of("local")
+    federation = config.federation
+    assert (federation.require, federation.min_noise_multiplier) == ("any", 0.0)  # defaults
+    assert all(client.policy_problem(p, federation) is None for p in (auto, central, local))
+    federation.require = "formal_dp"
+    assert "adds no DP noise" in client.policy_problem(auto, federation)
+    assert client.policy_problem(central, federation) is None
+    federation.require = "local_dp"
+    assert "add the noise themselves" in client.policy_problem(central, federation)
+    assert client.policy_problem(local, federation) is None
+    federation.require = "secure_aggregation"  # no federation has it yet: all declined
+    assert all("no secure aggregation" in client.policy_problem(p, federation)
+               for p in (auto, central, local))
+    assert client.policy_problem(policy_of("central", secure_aggregation=True),
+                                 federation) is None
+    federation.require, federation.min_noise_multiplier = "any", 2.0
+    assert "x0 (none)" in client.policy_problem(auto, federation)
+    assert "x1" in client.policy_problem(central, federation)
+    assert client.policy_problem(local, federation) is None  # this device adds 2 itself
+
+
+def test_a_declined_federation_says_why_and_status_shows_its_privacy(paths, config, store,
+                                                                     engine, capsys):
+    from floe_app.cli import main
+
+    teach(store)
+    opt_in(paths, config, require="formal_dp")
+    record = {**PLAN, "base-model": engine.base_identity, **policy_of("auto").record()}
+    plan = client.RoundPlan.from_record(record, "127.0.0.1:9092", 7)
+    assert plan.policy.mode == "none"
+    with pytest.raises(client.Declined, match=r"privacy settings: federation\.require"):
+        client.take_part(paths, bundled_model_path(), plan, shared_arrays(engine), 4)
+    [row] = store.federation_rounds()
+    assert row["outcome"] == "declined" and "formal_dp" in row["reason"]
+    assert store.ledger() == []
+    assert main(["sync", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "Privacy in 127.0.0.1:9092: Each round this device sends" in out
+    assert "No formal guarantee: this federation is too small for one" in out
+
+
+def test_uploads_without_noise_spend_no_budget_and_say_so(paths, config, store, engine):
+    upload = client.Upload({"layers.0.self_attn.q_proj": np.zeros((576, 4), np.float32)},
+                           rank=4, examples=3, epsilon=None, noise_multiplier=0.0,
+                           mode="none", release_noise=0.0)
+    for _ in range(30):  # no DP release: the budget (max_epsilon) is never reached
+        client.record_upload(store, plan_for(engine), upload)
+    assert client.spent_multipliers(store) == []
+    assert "no DP noise" in store.ledger()[0].text_sent
+    assert "no formal DP guarantee" in store.ledger()[0].text_sent
+    central = client.Upload(upload.delta, 4, 3, 2.5, 0.0, "central", 0.9)
+    client.record_upload(store, plan_for(engine), central)
+    assert client.spent_multipliers(store) == [0.9]
+    assert "the server adds x0.9 to the round's sum" in store.ledger()[0].text_sent  # newest
+    lines = service.sync_summary(paths).lines(1e-5)
+    assert "epsilon 2.50" in lines[1] and "30 uploads without DP noise" in lines[1]
+
+
+def federation_server(tmp_path, mode, noise=-1.0):
+    from floe_app.federated import server_app
+
+    settings = server_app.Settings(
+        rounds=2, rank=8, clip_norm=1.0, noise_multiplier=noise, steps=1, learning_rate=0.01,
+        min_nodes=3, round_timeout=1.0, state_dir=tmp_path / "state",
+        model=str(bundled_model_path()), privacy=mode)
+    return server_app.Federation(settings)
+
+
+def updates_for(server, scale, rank=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {str(i): ({m: (scale * rng.standard_normal((out, rank))).astype(np.float32)
+                      for m, (out, _) in server.shapes.items()}, rank, 2, 0.0)
+            for i in range(3)}
+
+
+@pytest.mark.timeout(900)
+def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
+    # A sane round: published, and the perplexity it measured is logged.
+    server = federation_server(tmp_path, "none")
+    assert server.policy.mode == "none" and server.policy.reason.startswith("the operator")
+    before = server.shared
+    outcome = server.combine(1, updates_for(server, 0.002))
+    assert outcome["published"] and outcome["withheld"] is None
+    assert abs(outcome["perplexity_rise"]["8"]) < 0.05
+    assert server.shared is not before
+    # Large changes (honest in norm, as no noise is involved) that wreck general text.
+    kept = server.shared
+    outcome = server.combine(2, updates_for(server, 0.5, seed=1))
+    assert not outcome["published"] and outcome["perplexity_rise"]["8"] > 0.05
+    assert "perplexity would rise" in outcome["withheld"]
+    assert server.shared is kept  # unchanged: no device is sent what all would refuse
+    # Central DP at noise x1 among 3 devices: the noise dominates, caught by the norm.
+    server = federation_server(tmp_path / "central", "central", noise=1.0)
+    before = server.shared
+    outcome = server.combine(1, updates_for(server, 0.002))
+    assert not outcome["published"] and "DP noise x1.00 on 3 devices" in outcome["withheld"]
+    assert outcome["change_norm"] > 100 * outcome["norm_bound"] / 2
+    assert server.shared is before
+    # The round log says so in words.
+    line = service.describe({"event": "round", "round": 1, "nodes": 3, "accepted": {},
+                             "refused": {}, "declined": {}, "seconds": 1.0,
+                             "version": "v", **outcome})
+    assert "shared adapter unchanged, not published: the aggregate changes" in line

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from floe_app.federated import dp, rounds, validate
+from floe_app.federated import dp, privacy, rounds, validate
 from floe_app.federated.aggregate import Update, flexlora
 
 SHAPES = rounds.module_shapes(blocks=2, width=12, n_head=3, n_head_kv=1)
@@ -184,3 +184,107 @@ def test_the_server_refuses_malformed_updates(change, reason):
     change(arrays, metrics)
     update, problem = validate.update_problem(arrays, metrics, SHAPES, 16, 1.0)
     assert update is None and reason in problem
+
+
+# Privacy modes (privacy.py) and central DP (rounds.aggregate_central)
+
+
+def test_auto_uses_dp_only_when_the_devices_can_bear_its_noise():
+    """Noise on the average has norm z*C*sqrt(D)/n; DP is used only where it stays below
+    the largest honest update (C), i.e. n >= z*sqrt(D)."""
+    coordinates = 737_280  # SmolLM2's rank-16 shared adapter
+    common = dict(rounds=2, coordinates=coordinates, clip_norm=1.0, target_epsilon=8.0,
+                  delta=1e-5)
+    team = privacy.choose("auto", expected_nodes=3, **common)
+    assert team.mode == "none" and team.release_noise == 0 and team.epsilon == math.inf
+    z = privacy.noise_for(8.0, 2, 1e-5)
+    assert dp.epsilon([z, z], 1e-5) <= 8.0 < dp.epsilon([z * 0.99] * 2, 1e-5)
+    needed = privacy.devices_needed(z, coordinates)
+    assert needed == math.ceil(z * math.sqrt(coordinates)) and 500 < needed < 1000
+    assert f"{needed:,} or more devices per round, and 3 are expected" in team.reason
+    assert privacy.choose("auto", expected_nodes=needed - 1, **common).mode == "none"
+    crowd = privacy.choose("auto", expected_nodes=needed, **common)
+    assert crowd.mode == "central" and crowd.noise_multiplier == z
+    assert crowd.epsilon <= 8.0 and crowd.device_noise == 0 and crowd.release_noise == z
+    # The operator may force a mode; distributed DP is refused without secure aggregation.
+    local = privacy.choose("local", expected_nodes=3, noise_multiplier=1.0, **common)
+    assert local.device_noise == 1.0 and local.epsilon == pytest.approx(7.08, abs=0.01)
+    assert privacy.choose("none", expected_nodes=5000, **common).mode == "none"
+    with pytest.raises(ValueError, match="secure aggregation"):
+        privacy.choose("distributed", expected_nodes=5000, **common)
+
+
+def test_the_policy_reaches_devices_intact():
+    policy = privacy.choose("central", expected_nodes=4, rounds=3, coordinates=100,
+                            clip_norm=2.0, target_epsilon=8.0, delta=1e-6, noise_multiplier=1.5)
+    record = {**policy.record(), "clip-norm": 2.0}
+    assert privacy.Policy.from_record(record) == policy
+    assert privacy.Policy.from_json(policy.to_json()) == policy
+    none = privacy.choose("none", expected_nodes=4, rounds=3, coordinates=100, clip_norm=2.0,
+                          target_epsilon=8.0, delta=1e-6)
+    assert privacy.Policy.from_record({**none.record(), "clip-norm": 2.0}) == none
+    # A server from before privacy modes: its devices added the noise themselves.
+    old = privacy.Policy.from_record({"noise-multiplier": 1.0, "clip-norm": 1.0})
+    assert old.mode == "local" and old.device_noise == 1.0
+    with pytest.raises(ValueError, match="unknown privacy mode"):
+        privacy.Policy.from_record({**record, "privacy": "distributed"})
+
+
+def test_the_privacy_statement_is_true_for_each_mode():
+    common = dict(expected_nodes=3, rounds=2, coordinates=737_280, clip_norm=1.0,
+                  target_epsilon=8.0, delta=1e-5)
+    none = privacy.statement(privacy.choose("auto", **common))
+    assert "no noise added here" in none and "sees each device's change itself" in none
+    assert "No formal guarantee: this federation is too small for one" in none
+    assert "epsilon" in none and "3 are expected" in none  # the arithmetic behind it
+    chosen = privacy.statement(privacy.choose("none", **common))
+    assert "No formal guarantee: the operator runs this federation without DP noise" in chosen
+    central = privacy.choose("central", noise_multiplier=1.0, **common)
+    text = privacy.statement(central)
+    assert "trusted with single updates" in text and "none against the operator" in text
+    assert f"epsilon {dp.epsilon([1.0, 1.0], 1e-5):.2f} at delta 1e-05 per user over 2" in text
+    assert "no noise added here" in text
+    local = privacy.statement(privacy.choose("local", noise_multiplier=1.0, **common))
+    assert "noise x1.00 added on this device" in local and "against the operator too" in local
+    for statement in (none, chosen, text, local):
+        assert "never text" in statement and "no secure aggregation" in statement
+
+
+def test_central_dp_clips_each_update_and_adds_the_noise_once():
+    shared = rounds.initial(SHAPES, rank=8, seed=0)
+    rng = np.random.default_rng(1)
+    updates = [({m: rng.standard_normal((out, r)).astype(np.float32)
+                 for m, (out, _) in SHAPES.items()}, r) for r in (4, 8, 8)]
+    plain = rounds.aggregate_central(shared, updates, clip_norm=0.5, noise_multiplier=0.0,
+                                     expected_nodes=4, noise_rng=rng)
+    # Without noise: B + (sum of the clipped changes) / expected devices.
+    for module, (b, a) in plain.items():
+        expected = sum(dp.clip({k: d[k][:, :r] for k in d}, 0.5)[0][module]
+                       @ shared[module][1][:r] for d, r in updates) / 4
+        np.testing.assert_allclose(b @ a, expected, atol=1e-5)
+        np.testing.assert_allclose(a @ a.T, np.eye(8), atol=1e-4)
+    assert rounds.change_norm(shared, plain) <= 3 * 0.5 / 4 + 1e-6  # each moved it <= C/n
+    # Noise: once on the sum, std z*C per coordinate, divided by n.
+    zero = [({m: np.zeros((out, 8), np.float32) for m, (out, _) in SHAPES.items()}, 8)]
+    noised = rounds.aggregate_central(shared, zero, clip_norm=0.5, noise_multiplier=2.0,
+                                      expected_nodes=4, noise_rng=np.random.default_rng(2))
+    products = np.concatenate([(b @ a).ravel() for b, a in noised.values()])
+    coordinates = sum(out * 8 for out, _ in SHAPES.values())
+    assert rounds.change_norm(shared, noised) == pytest.approx(
+        2.0 * 0.5 / 4 * math.sqrt(coordinates), rel=0.15)
+    assert np.linalg.norm(products) == pytest.approx(rounds.change_norm(shared, noised),
+                                                     rel=1e-4)
+
+
+def test_change_norm_is_the_norm_of_the_weight_change():
+    rng = np.random.default_rng(4)
+    old = {m: ((rng.standard_normal(b.shape)).astype(np.float32), a)
+           for m, (b, a) in rounds.initial(SHAPES, 4, 1).items()}
+    new = {m: ((rng.standard_normal(b.shape)).astype(np.float32), a)
+           for m, (b, a) in rounds.initial(SHAPES, 4, 2).items()}
+    direct = math.sqrt(sum(float(np.sum((new[m][0] @ new[m][1] - old[m][0] @ old[m][1]) ** 2))
+                           for m in old))
+    assert rounds.change_norm(old, new) == pytest.approx(direct, rel=1e-5)
+    assert rounds.change_norm(old, old) == pytest.approx(0.0, abs=1e-3)
+    assert rounds.norm(old) == pytest.approx(math.sqrt(sum(
+        float(np.sum((b @ a) ** 2)) for b, a in old.values())), rel=1e-5)

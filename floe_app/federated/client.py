@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from floe_app.config import Config, load_config
+from floe_app.config import Config, FederationSettings, load_config
 from floe_app.engine.local import LocalEngine, base_identity
 from floe_app.errors import FloeError
-from floe_app.federated import dp, rounds, validate
+from floe_app.federated import dp, privacy, rounds, validate
 from floe_app.paths import Paths
 from floe_app.personalize.data import build_dataset
 from floe_app.personalize.status import someone_replying, training_lock
@@ -53,6 +53,7 @@ class RoundPlan:
     steps: int
     learning_rate: float
     base_model: str
+    policy: privacy.Policy | None = None  # the federation's privacy (privacy.py)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], federation: str, run_id: int) -> RoundPlan:
@@ -60,7 +61,7 @@ class RoundPlan:
             plan = cls(federation, int(run_id), int(record["round"]), int(record["rank"]),
                        float(record["clip-norm"]), float(record["noise-multiplier"]),
                        int(record["steps"]), float(record["learning-rate"]),
-                       str(record["base-model"]))
+                       str(record["base-model"]), privacy.Policy.from_record(record))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise Declined(f"malformed round instructions ({exc!r})") from None
         if not (1 <= plan.rank <= 256 and plan.clip_norm > 0 and plan.noise_multiplier >= 0
@@ -75,8 +76,10 @@ class Upload:
     delta: dict[str, np.ndarray]  # module -> change to B (out x rank), clipped and noised
     rank: int
     examples: int
-    epsilon: float  # spent by this device after this upload, at config.federation.delta
-    noise_multiplier: float
+    epsilon: float | None  # spent after this upload at federation.delta; None: no DP noise
+    noise_multiplier: float  # added on this device (the metric the server checks)
+    mode: str = "local"  # the federation's privacy mode (privacy.py)
+    release_noise: float | None = None  # of the DP release it is part of (None: as added)
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,29 @@ def shareable(config: Config, replies: list[TaughtReply]) -> list[TaughtReply]:
 
 
 def spent_multipliers(store: Store) -> list[float]:
-    return [float(r["noise_multiplier"] or 0.0) for r in store.federation_rounds()
-            if r["outcome"] == "uploaded"]
+    """The noise multipliers of the DP releases this device's uploads were part of (uploads
+    without DP noise spend no epsilon: they have no formal guarantee at all)."""
+    return [float(r["noise_multiplier"]) for r in store.federation_rounds()
+            if r["outcome"] == "uploaded" and (r["noise_multiplier"] or 0.0) > 0]
+
+
+def policy_problem(policy: privacy.Policy, federation: FederationSettings) -> str | None:
+    """Why this device's settings (federation.require, federation.min_noise_multiplier)
+    do not accept a federation run under `policy`, or None."""
+    require, least = federation.require, federation.min_noise_multiplier
+    if require == "secure_aggregation" and not policy.secure_aggregation:
+        return ("federation.require = secure_aggregation: this federation has no secure"
+                " aggregation (its operator would see this device's change)")
+    if require == "formal_dp" and policy.mode == "none":
+        return ("federation.require = formal_dp: this federation adds no DP noise"
+                f" ({policy.reason})")
+    if require == "local_dp" and policy.mode != "local":
+        return ("federation.require = local_dp: this federation does not have devices add"
+                " the noise themselves")
+    if least > 0 and policy.mode != "local" and policy.noise_multiplier < least:
+        return (f"federation.min_noise_multiplier = {least:g}: this federation's DP noise is"
+                f" x{policy.noise_multiplier:g}" + (" (none)" if policy.mode == "none" else ""))
+    return None
 
 
 def check_shared(shared_arrays: dict[str, np.ndarray], plan: RoundPlan,
@@ -125,6 +149,29 @@ def check_shared(shared_arrays: dict[str, np.ndarray], plan: RoundPlan,
             for m in rounds.model_shapes(base.metadata)}
 
 
+def perplexity_rise(base: LocalBase, adapter: Path, known: Path, threads: int) -> float:
+    """How much `adapter` raises general-text perplexity over the base (llama.cpp, the
+    personal gate's paragraph): 0.05 = +5%. The base's own perplexity never changes: it is
+    computed once and kept in `known`. The devices' gate and the server's check."""
+    from floe_app.personalize.job import bundled_text
+
+    text = bundled_text("general_text.txt")
+    key = hashlib.sha256(f"{base.identity}\n{text}".encode()).hexdigest()
+    try:
+        saved = json.loads(known.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    engine = LocalEngine.load(base.path, threads=threads, context_tokens=1024)
+    try:
+        if key not in saved:
+            saved = {key: engine.perplexity(text)}
+            known.write_text(json.dumps(saved))
+        engine.set_adapter(adapter)
+        return engine.perplexity(text) / saved[key] - 1
+    finally:
+        engine.close()
+
+
 def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: RoundPlan,
                    rank: int, base: LocalBase, perplexity_margin: float) -> Path | None:
     """Keep the shared adapter at this device's rank for the chat (None while it is zero).
@@ -133,7 +180,6 @@ def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: Roun
     `perplexity_margin` (llama.cpp, the gate's paragraph): a federation's adapter drowned
     in DP noise, or a poisoned one, is refused and the chat keeps what it had."""
     from floe_app.personalize.export import peft_state, write_gguf_adapter
-    from floe_app.personalize.job import bundled_text
     from floe_app.personalize.registry import sha256_of
     from floe_app.personalize.trainer import base_model_of
 
@@ -143,23 +189,8 @@ def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: Roun
     folder = paths.data_dir / "shared"
     staged = write_gguf_adapter(folder / "incoming.gguf", peft_state(start), alpha=rank,
                                 base=base_model_of(base.metadata))
-    text = bundled_text("general_text.txt")
-    # The base model's perplexity never changes: computed once per device and kept.
-    known = paths.cache_dir / "federation-base-perplexity.json"
-    key = hashlib.sha256(f"{base.identity}\n{text}".encode()).hexdigest()
-    try:
-        saved = json.loads(known.read_text())
-    except (OSError, ValueError):
-        saved = {}
-    engine = LocalEngine.load(base.path, threads=training_threads(paths), context_tokens=1024)
-    try:
-        if key not in saved:
-            saved = {key: engine.perplexity(text)}
-            known.write_text(json.dumps(saved))
-        engine.set_adapter(staged)
-        rise = engine.perplexity(text) / saved[key] - 1
-    finally:
-        engine.close()
+    rise = perplexity_rise(base, staged, paths.cache_dir / "federation-base-perplexity.json",
+                           training_threads(paths))
     if rise > perplexity_margin:
         staged.unlink()
         raise Declined(f"refused the shared adapter: general-text perplexity rose {rise:+.1%}"
@@ -194,6 +225,11 @@ def take_part(paths: Paths, model_path: Path, plan: RoundPlan,
 def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
                shared_arrays: dict[str, np.ndarray], node_rank: int) -> Upload:
     config = _opted_in(paths)
+    if plan.policy is not None:
+        privacy.remember_policy(paths.data_dir, plan.federation, plan.policy)
+        problem = policy_problem(plan.policy, config.federation)
+        if problem is not None:
+            raise Declined(f"this device's privacy settings: {problem}")
     if probe().on_battery:
         raise Declined("on battery: rounds run only on power")
     if someone_replying(paths.data_dir):
@@ -202,10 +238,15 @@ def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
     shared = check_shared(shared_arrays, plan, base)
     rank = min(node_rank, plan.rank)
     install_shared(paths, store, shared, plan, rank, base, config.learning.perplexity_margin)
-    noise = max(plan.noise_multiplier, config.federation.min_noise_multiplier)
+    policy = plan.policy or privacy.Policy.from_record({
+        "noise-multiplier": plan.noise_multiplier, "clip-norm": plan.clip_norm})
+    # Noise this device adds itself (local DP only), and the release its update is part of.
+    added = max(policy.device_noise, config.federation.min_noise_multiplier) \
+        if policy.mode == "local" else 0.0
+    release = added if policy.mode == "local" else policy.release_noise
     spent = spent_multipliers(store)
-    after = dp.epsilon([*spent, noise], config.federation.delta)
-    if after > config.federation.max_epsilon:
+    after = dp.epsilon([*spent, release], config.federation.delta) if release > 0 else None
+    if after is not None and after > config.federation.max_epsilon:
         raise Declined(f"privacy budget: one more upload would spend epsilon {after:.2f},"
                        f" over federation.max_epsilon = {config.federation.max_epsilon:g}")
     dataset = build_dataset([], shareable(config, store.taught_replies(shareable=True)))
@@ -217,11 +258,11 @@ def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
             delta = _train(paths, model_path, plan, shared, rank, dataset)
     except FloeError as exc:  # the lock: personal training is running
         raise Declined(f"busy: {exc}") from None
-    noised, _ = dp.privatize(delta, plan.clip_norm, noise,
+    noised, _ = dp.privatize(delta, plan.clip_norm, added,
                              np.random.default_rng(secrets.randbits(128)))
     _opted_in(paths)  # opting out while this round trained stops the upload
     upload = Upload({m: a.astype(np.float32) for m, a in noised.items()}, rank,
-                    len(dataset.examples), after, noise)
+                    len(dataset.examples), after, added, policy.mode, release)
     record_upload(store, plan, upload)
     return upload
 
@@ -243,18 +284,26 @@ def record_upload(store: Store, plan: RoundPlan, upload: Upload) -> None:
     """The ledger row and the round's row, written before the upload leaves."""
     floats = sum(a.size for a in upload.delta.values())
     size = sum(a.nbytes for a in upload.delta.values())
+    release = upload.noise_multiplier if upload.release_noise is None else upload.release_noise
     store.add_federation_round(
         federation=plan.federation, run_id=str(plan.run_id), round_number=plan.round,
         rank=upload.rank, examples=upload.examples, bytes_sent=size,
-        noise_multiplier=upload.noise_multiplier, clip_norm=plan.clip_norm, outcome="uploaded",
+        noise_multiplier=release, clip_norm=plan.clip_norm, outcome="uploaded",
         epsilon=upload.epsilon)
+    if upload.noise_multiplier > 0:
+        noise = f"noise x{upload.noise_multiplier:g} added here"
+    elif release > 0:
+        noise = f"no noise added here: the server adds x{release:g} to the round's sum"
+    else:
+        noise = "no DP noise"
+    spent = (f"epsilon now {upload.epsilon:.2f}" if upload.epsilon is not None
+             else "no formal DP guarantee for this upload")
     ledger = store.record_request(
         endpoint=plan.federation, model=f"federated run {plan.run_id} round {plan.round}",
         purpose="federated",
-        text_sent=(f"no text: {len(upload.delta)} noised LoRA B-factor changes ({floats:,}"
-                   f" floats, rank {upload.rank}, clipped to"
-                   f" {plan.clip_norm:g}, noise x{upload.noise_multiplier:g}), the example"
-                   f" count {upload.examples}; epsilon now {upload.epsilon:.2f}"),
+        text_sent=(f"no text: {len(upload.delta)} LoRA B-factor changes ({floats:,}"
+                   f" floats, rank {upload.rank}, clipped to {plan.clip_norm:g}, {noise}),"
+                   f" the example count {upload.examples}; {spent}"),
         bytes_sent=size)
     store.finish_request(ledger, bytes_received=0, outcome="sent")
 

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from floe_app.config import load_config
 from floe_app.engine.local import resolve_model_path
 from floe_app.errors import FloeError
+from floe_app.federated import privacy
 from floe_app.federated.client import (
     Declined,
     LocalBase,
@@ -73,6 +74,8 @@ def install(message: Message, context: Context) -> Message:
     store = Store(paths.database)
     try:
         plan = RoundPlan.from_record(message.content["config"], federation, context.run_id)
+        if plan.policy is not None:
+            privacy.remember_policy(paths.data_dir, federation, plan.policy)
         base = LocalBase.read(_model_path(paths))
         shared = check_shared(_arrays(message.content["shared"]), plan, base)
         margin = load_config(paths)[0].learning.perplexity_margin

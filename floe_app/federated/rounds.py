@@ -106,3 +106,61 @@ def aggregate(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int
         out[module] = (new_b.astype(np.float32),
                        complete_rows(new_a, live, rng).astype(np.float32))
     return out
+
+
+def _refactor(shared: Shared, new_bs: dict[str, np.ndarray], rng: np.random.Generator) -> Shared:
+    """B' @ A as B = U S and orthonormal A again (B' given at the shared rank)."""
+    out: Shared = {}
+    for module, (b0, a) in shared.items():
+        u, s, vt = np.linalg.svd(new_bs[module], full_matrices=False)
+        live = int((s > 1e-9 * max(float(s[0]), 1e-30)).sum()) if s.size else 0
+        new_b = np.zeros(b0.shape)
+        new_b[:, :live] = u[:, :live] * s[:live]
+        new_a = np.zeros(a.shape)
+        new_a[:live] = vt[:live] @ a.astype(np.float64)
+        out[module] = (new_b.astype(np.float32),
+                       complete_rows(new_a, live, rng).astype(np.float32))
+    return out
+
+
+def aggregate_central(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int]],
+                      clip_norm: float, noise_multiplier: float, expected_nodes: int,
+                      noise_rng: np.random.Generator, seed: int = 0) -> Shared:
+    """Central DP (DP-FedAvg, fixed denominator): every (change to B, rank) clipped to
+    `clip_norm` by the server, summed at the shared rank, N(0, (z * clip_norm)^2) added once
+    to every coordinate of the sum, divided by `expected_nodes`, added to B. One device
+    changes the sum by at most clip_norm (add or remove one), so each round is a Gaussian
+    mechanism of multiplier z at user level; the SVD after it is post-processing."""
+    from floe_app.federated import dp
+
+    if expected_nodes < 1:
+        raise ValueError("the expected number of devices must be positive")
+    sums = {m: np.zeros(b.shape, dtype=np.float64) for m, (b, _) in shared.items()}
+    for delta, rank in updates:
+        clipped, _ = dp.clip({m: delta[m][:, :rank].astype(np.float64) for m in shared},
+                             clip_norm)
+        for module, change in clipped.items():
+            sums[module][:, :rank] += change
+    std = noise_multiplier * clip_norm
+    new_bs = {m: shared[m][0].astype(np.float64)
+              + (sums[m] + (noise_rng.normal(0.0, std, sums[m].shape) if std else 0.0))
+              / expected_nodes for m in shared}
+    return _refactor(shared, new_bs, np.random.default_rng(seed))
+
+
+def change_norm(old: Shared, new: Shared) -> float:
+    """||W_new - W_old|| over all modules (Frobenius), from the factors: A's rows are
+    orthonormal, so ||B1 A1 - B0 A0||^2 = ||B1||^2 + ||B0||^2 - 2 tr(B0^T B1 A1 A0^T)."""
+    total = 0.0
+    for module, (b0, a0) in old.items():
+        b1, a1 = (x.astype(np.float64) for x in new[module])
+        b0, a0 = b0.astype(np.float64), a0.astype(np.float64)
+        cross = float(np.sum((b0.T @ b1) * (a0 @ a1.T)))
+        total += float(np.sum(b1 * b1)) + float(np.sum(b0 * b0)) - 2 * cross
+    return float(np.sqrt(max(total, 0.0)))
+
+
+def norm(shared: Shared) -> float:
+    """||W|| over all modules (= ||B||: A's rows are orthonormal)."""
+    return float(np.sqrt(sum(float(np.sum(b.astype(np.float64) ** 2))
+                             for b, _ in shared.values())))

@@ -12,6 +12,7 @@ the final adapter to keep.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from floe_app.engine.local import resolve_model_path
-from floe_app.federated import rounds, validate
-from floe_app.federated.client import LocalBase
+from floe_app.federated import privacy, rounds, validate
+from floe_app.federated.client import LocalBase, perplexity_rise
 from floe_app.paths import private_umask
 
 app = ServerApp()
@@ -37,13 +38,17 @@ class Settings:
     rounds: int  # total rounds of the shared adapter, counting those done before a restart
     rank: int
     clip_norm: float
-    noise_multiplier: float
+    noise_multiplier: float  # below 0: the least that keeps `epsilon` over `rounds` rounds
     steps: int
     learning_rate: float
-    min_nodes: int
+    min_nodes: int  # also the devices per round DP expects (and divides by, central DP)
     round_timeout: float
     state_dir: Path
     model: str
+    privacy: str = "auto"  # privacy.MODES
+    epsilon: float = 8.0  # the DP target per user over the run, at delta
+    delta: float = 1e-5
+    perplexity_margin: float = 0.05  # the devices' default: a rise past it, none keeps it
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> Settings:
@@ -51,7 +56,9 @@ class Settings:
                    float(config["noise-multiplier"]), int(config["steps"]),
                    float(config["learning-rate"]), int(config["min-nodes"]),
                    float(config["round-timeout"]), Path(str(config["state-dir"])),
-                   str(config.get("model", "")))
+                   str(config.get("model", "")), str(config.get("privacy", "auto")),
+                   float(config.get("epsilon", 8.0)), float(config.get("delta", 1e-5)),
+                   float(config.get("perplexity-margin", 0.05)))
 
 
 @app.main()
@@ -67,6 +74,13 @@ class Federation:
         self.shapes = rounds.model_shapes(self.base.metadata)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.done, self.shared = self._load()
+        self.policy = privacy.choose(
+            settings.privacy, expected_nodes=settings.min_nodes, rounds=settings.rounds,
+            coordinates=sum(out * settings.rank for out, _ in self.shapes.values()),
+            clip_norm=settings.clip_norm, target_epsilon=settings.epsilon,
+            delta=settings.delta,
+            noise_multiplier=settings.noise_multiplier if settings.noise_multiplier >= 0
+            else None)
 
     # State that survives a SuperLink (and ServerApp) restart
 
@@ -109,7 +123,8 @@ class Federation:
             "config": ConfigRecord({
                 "round": round_number, "rank": s.rank, "clip-norm": s.clip_norm,
                 "noise-multiplier": s.noise_multiplier, "steps": s.steps,
-                "learning-rate": s.learning_rate, "base-model": self.base.identity}),
+                "learning-rate": s.learning_rate, "base-model": self.base.identity,
+                **self.policy.record()}),
         })
 
     def _nodes(self, grid: Grid) -> list[int]:
@@ -121,6 +136,8 @@ class Federation:
             time.sleep(1.0)
 
     def run(self, grid: Grid) -> None:
+        self._log({"event": "privacy", **self.policy.to_json(),
+                   "statement": privacy.statement(self.policy)})
         for round_number in range(self.done + 1, self.settings.rounds + 1):
             self.round(grid, round_number)
         nodes = self._nodes(grid)
@@ -135,6 +152,11 @@ class Federation:
     def round(self, grid: Grid, round_number: int) -> None:
         started = time.monotonic()
         nodes = self._nodes(grid)
+        if self.policy.mode == "central" and len(nodes) > self.policy.expected_nodes:
+            # Central DP divides by the expected count: exactly that many are asked.
+            picked = np.random.default_rng(secrets.randbits(64)).choice(
+                len(nodes), self.policy.expected_nodes, replace=False)
+            nodes = sorted(nodes[i] for i in picked)
         payload = self._payload(round_number)
         messages = [Message(payload, node, "train", group_id=str(round_number))
                     for node in nodes]
@@ -170,18 +192,92 @@ class Federation:
                 refused[node] = (f"update norm {norms[node]:.3g} is above what clipping and"
                                  f" noise allow ({bound[node]:.3g})")
         kept = {n: u for n, u in accepted.items() if n not in refused}
-        if kept:
-            self.shared = rounds.aggregate(
-                self.shared, [(delta, rank, examples) for delta, rank, examples, _ in
-                              kept.values()], seed=round_number)
+        outcome = self.combine(round_number, kept) if kept else {"published": False,
+                                                                 "withheld": "no updates"}
         version = self._save(round_number)
         self._log({"event": "round", "round": round_number, "nodes": len(nodes),
                    "replies": len(replies), "seconds": round(time.monotonic() - started, 1),
+                   "privacy": self.policy.mode,
                    "accepted": {n: {"rank": u[1], "examples": u[2], "norm": norms[n]}
                                 for n, u in kept.items()},
-                   "refused": refused, "declined": declined,
+                   "refused": refused, "declined": declined, **outcome,
                    "version": version, "settings": {k: str(v) if isinstance(v, Path) else v
                                                     for k, v in asdict(self.settings).items()}})
+
+    def combine(self, round_number: int,
+                kept: dict[str, tuple[dict[str, np.ndarray], int, int, float]]) -> dict:
+        """Aggregate the round's accepted updates under the federation's privacy, check the
+        result, and make it the shared adapter unless every device would refuse it.
+        Returns the round log's fields about it."""
+        policy, old = self.policy, self.shared
+        if policy.mode == "central":
+            candidate = rounds.aggregate_central(
+                old, [(delta, rank) for delta, rank, _, _ in kept.values()], policy.clip_norm,
+                policy.noise_multiplier, policy.expected_nodes,
+                np.random.default_rng(secrets.randbits(128)), seed=round_number)
+        else:
+            candidate = rounds.aggregate(old, [(delta, rank, examples) for delta, rank,
+                                               examples, _ in kept.values()], seed=round_number)
+        ranks = sorted({rank for _, rank, _, _ in kept.values()})
+        problem, facts = self.check(old, candidate, kept, ranks)
+        if problem is None:
+            self.shared = candidate
+        return {"published": problem is None, "withheld": problem, **facts}
+
+    def check(self, old: rounds.Shared, candidate: rounds.Shared, kept: dict,
+              ranks: list[int]) -> tuple[str | None, dict]:
+        """Why devices would refuse `candidate`, or None; and what was measured.
+
+        Its change to the weights against what the updates could make without noise (an
+        average of changes of norm <= C moves W by <= C, plus, with FlexLoRA's weights, the
+        old adapter's directions some devices did not train; DP noise may add as much again),
+        then general-text perplexity at every rank the round's devices use, with the
+        server's copy of the base model (llama.cpp, the devices' own gate)."""
+        policy = self.policy
+        change = rounds.change_norm(old, candidate)
+        if policy.mode == "none":
+            room = max(float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2))
+                                         for d in u[0].values()))) for u in kept.values())
+        else:  # judged by the public bound only: the decision must not reveal an update
+            room = 2 * policy.clip_norm
+        bound = (0.0 if policy.mode == "central" else rounds.norm(old)) + room
+        facts: dict[str, Any] = {"change_norm": round(change, 4),
+                                 "norm_bound": round(bound * 1.001, 4)}
+        if change > bound * 1.001:
+            return (f"not published: the aggregate changes the weights by {change:.3g}, over"
+                    f" the {bound:.3g} the updates allow without noise"
+                    + (f" (DP noise x{policy.noise_multiplier:.2f} on {policy.expected_nodes}"
+                       " devices dominates it)" if policy.mode != "none" else "")), facts
+        rises = self.perplexity_rises(candidate, ranks)
+        facts["perplexity_rise"] = {str(r): round(v, 4) for r, v in rises.items()}
+        worst = min(rises.values(), default=0.0)
+        if rises and worst > self.settings.perplexity_margin:
+            return (f"not published: general-text perplexity would rise {worst:+.1%} or more"
+                    f" at every device rank ({', '.join(map(str, rises))}), over the"
+                    f" {self.settings.perplexity_margin:+.0%} devices accept"), facts
+        return None, facts
+
+    def perplexity_rises(self, candidate: rounds.Shared, ranks: list[int]) -> dict[int, float]:
+        """General-text perplexity rise of `candidate` cut to each rank (zero: 0)."""
+        from floe_app.personalize.export import peft_state, write_gguf_adapter
+        from floe_app.personalize.trainer import base_model_of
+
+        rises = {}
+        for rank in ranks:
+            start = rounds.device_start(candidate, rank)
+            if not any(b.any() for b, _ in start.values()):
+                rises[rank] = 0.0
+                continue
+            path = write_gguf_adapter(self.settings.state_dir / f"check-rank-{rank}.gguf",
+                                      peft_state(start), alpha=rank,
+                                      base=base_model_of(self.base.metadata))
+            try:
+                rises[rank] = perplexity_rise(self.base, path,
+                                              self.settings.state_dir / "base-perplexity.json",
+                                              threads=1)
+            finally:
+                path.unlink(missing_ok=True)
+        return rises
 
     def unpack(self, reply: Message) -> tuple[Any, str | None]:
         """(delta B by module, rank, examples, noise multiplier), or why it is refused."""
@@ -191,4 +287,4 @@ class Federation:
         except Exception as exc:  # any malformed reply is one refused update, not a crash
             return None, f"malformed reply ({type(exc).__name__}: {exc})"
         return validate.update_problem(arrays, metrics, self.shapes, self.settings.rank,
-                                       self.settings.noise_multiplier)
+                                       self.policy.device_noise)

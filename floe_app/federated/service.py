@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from floe_app.config import Config
 from floe_app.errors import FloeError
@@ -135,6 +136,7 @@ class SyncSummary:
     state: SyncState | None
     rounds: list[dict]
     shared: dict | None
+    policy: tuple[str, Any] | None = None  # (federation, privacy.Policy) last received
 
     @property
     def uploads(self) -> int:
@@ -142,31 +144,52 @@ class SyncSummary:
 
     @property
     def epsilon(self) -> float:
-        spent = [r["epsilon"] for r in self.rounds if r["outcome"] == "uploaded"]
-        return float(spent[-1]) if spent and spent[-1] is not None else 0.0
+        """Epsilon spent by the uploads that were part of a DP release."""
+        spent = [r["epsilon"] for r in self.rounds
+                 if r["outcome"] == "uploaded" and r["epsilon"] is not None]
+        return float(spent[-1]) if spent else 0.0
+
+    @property
+    def uploads_without_dp(self) -> int:
+        return sum(r["outcome"] == "uploaded" and not (r["noise_multiplier"] or 0) > 0
+                   for r in self.rounds)
+
+    def statement(self) -> str:
+        """The privacy paragraph of the federation this device last heard from."""
+        from floe_app.federated.privacy import statement
+
+        if self.policy is None:
+            return ("Privacy: no federation round received yet; nothing has left this device"
+                    " for a federation.")
+        federation, policy = self.policy
+        return f"Privacy in {federation}: {statement(policy)}"
 
     def lines(self, delta: float) -> list[str]:
         state = self.state
         lines = [f"Sync: running (pid {state.pid}), {state.address}, rank {state.rank}"
                  if state else "Sync: not running (floe sync start)",
                  f"Rounds: {self.uploads} uploads, {len(self.rounds) - self.uploads} declined"
-                 f" or refused; privacy spent: epsilon {self.epsilon:.2f} at delta {delta:g}"]
+                 f" or refused; privacy spent: epsilon {self.epsilon:.2f} at delta {delta:g}"
+                 + (f" ({self.uploads_without_dp} uploads without DP noise: no formal"
+                    " guarantee for them)" if self.uploads_without_dp else "")]
         if self.rounds and self.rounds[-1]["outcome"] != "uploaded":
             lines.append(f"Last: {self.rounds[-1]['outcome']}: {self.rounds[-1]['reason']}")
         if self.shared:
             lines.append(f"Shared adapter: round {self.shared['round'] or 'final'} of"
                          f" {self.shared['federation']}, rank {self.shared['rank']}")
+        lines.append(self.statement())
         return lines
 
 
 def sync_summary(paths: Paths) -> SyncSummary:
+    from floe_app.federated.privacy import known_policy
     from floe_app.store import Store
 
     store = Store(paths.database)
     try:
         shared = store.shared_adapters()
         return SyncSummary(sync_state(paths), store.federation_rounds(),
-                           shared[-1] if shared else None)
+                           shared[-1] if shared else None, known_policy(paths.data_dir))
     finally:
         store.close()
 
@@ -361,6 +384,14 @@ class Operator:
 
 def describe(entry: dict) -> str:
     """One line of the operator's round log."""
+    if entry.get("event") == "privacy":
+        mode = entry["mode"]
+        what = {"none": "no DP noise", "central": "central DP (the server adds the noise)",
+                "local": "local DP (every device adds the noise)"}[mode]
+        epsilon = (f", epsilon {entry['epsilon']:.2f} at delta {entry['delta']:g} per user"
+                   if entry.get("epsilon") is not None else "")
+        return (f"privacy: {what}{epsilon}; {entry['reason']}. Every device is told:"
+                f" {entry['statement']}")
     if "error" in entry:
         return (f"round {entry['round']}: failed ({entry['error']}); the shared adapter is"
                 " unchanged")
@@ -376,5 +407,7 @@ def describe(entry: dict) -> str:
         parts.append(f"refused node {node}: {why}")
     for node, why in entry["declined"].items():
         parts.append(f"node {node} declined: {why}")
+    if entry.get("published") is False:
+        parts.append(f"shared adapter unchanged, {entry['withheld']}")
     parts.append(f"{entry['seconds']} s, {entry['version']}")
     return "; ".join(parts)
