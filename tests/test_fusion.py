@@ -151,9 +151,10 @@ def stream(*texts, tops=None):
 def test_align_at_token_boundaries_inside_tokens_and_at_the_end():
     tokens = stream(b"Hello", b" world", tops=[((b"Hello", -0.1), (b"Hi", -2.5)),
                                                ((b" world", -0.2), (b" there", -1.8))])
-    assert align(tokens, b"", False) == [(b"Hello", -0.1), (b"Hi", -2.5)]
+    # The cloud's own token carries what it wrote next; alternatives are only themselves.
+    assert align(tokens, b"", False) == [(b"Hello world", -0.1), (b"Hi", -2.5)]
     inside = align(tokens, b"Hel", False)
-    assert [t for t, _ in inside] == [b"lo"] and inside[0][1] == pytest.approx(0.0)
+    assert [t for t, _ in inside] == [b"lo world"] and inside[0][1] == pytest.approx(0.0)
     assert [t for t, _ in align(tokens, b"Hello", False)] == [b" world", b" there"]
     assert [t for t, _ in align(tokens, b"Hello th", False)] == [b"ere"]
     assert align(tokens, b"Hello world", False) is None  # not there yet
@@ -170,6 +171,15 @@ def test_align_always_offers_the_rest_of_the_clouds_own_token(texts, data):
     offered = align(tokens, text[:cut], False)
     assume(offered is not None)
     assert any(text[cut:].startswith(rest) for rest, _ in offered)
+
+
+def test_a_short_rest_of_the_clouds_token_backs_only_tokens_that_fit_what_follows():
+    vocab = vocab_of([b"A", b"s", b"sc", b"s an", b" an"])
+    tokens = stream(b"As", b" an", b" AI", tops=[((b"As", -0.01),), ((b" an", -0.01),),
+                                                   ((b" AI", -0.01),)])
+    rest = align(tokens, b"A", False)
+    backed = {vocab.pieces[i] for c, _ in rest for i in vocab.supporting(c).tolist()}
+    assert backed == {b"s", b"s an"}  # not "sc": the cloud went on with " an AI"
 
 
 def test_an_unsure_cloud_gets_less_weight():

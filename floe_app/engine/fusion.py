@@ -18,6 +18,9 @@ import numpy as np
 END = b"\x00<end>"
 # The least probability left outside the cloud's top-k, so that no SLM token gets zero.
 MIN_REST = 1e-9
+# Bytes of the cloud's own continuation its chosen candidate carries (longer than any
+# local token, so none can run past it unnoticed).
+LOOKAHEAD = 32
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,16 @@ def align(tokens: list[CloudToken], written: bytes, finished: bool
     if position >= token.offset + max(len(token.text), 1):
         return None
     done = written[token.offset:]
-    consistent = [(c[len(done):], lp) for c, lp in token.top
-                  if c.startswith(done) and len(c) > len(done)]
+    # What the cloud wrote after its own token: its candidate is that whole text, so only
+    # local tokens that fit it back it ("s" and "s an", not "sc" for "As an AI"; a short
+    # rest would otherwise lend the cloud's confidence to any token that starts with it).
+    following = b""
+    for later in tokens[index + 1:]:
+        if len(following) >= LOOKAHEAD:
+            break
+        following += later.text
+    consistent = [(c[len(done):] + (following[:LOOKAHEAD] if c == token.text else b""), lp)
+                  for c, lp in token.top if c.startswith(done) and len(c) > len(done)]
     if not consistent or not done:
         return consistent or None
     total = np.logaddexp.reduce([lp for _, lp in consistent])
