@@ -51,7 +51,10 @@ BROKEN = "broken_stream"  # the response started, then broke off
 MALFORMED = "malformed"  # a chunk no known server sends
 CANCELLED = "cancelled"
 NOT_SENT = "not_sent"  # the ledger could not record the request, so it was not sent
-LIMIT = "request_limit"  # the reply's cap on billed requests was reached: nothing sent
+
+# Request fields the openai SDK takes as arguments; any other goes in its extra_body.
+SDK_FIELDS = frozenset({"model", "messages", "prompt", "stream", "max_tokens", "temperature",
+                        "logprobs", "top_logprobs", "stop"})
 
 
 @dataclass(frozen=True)
@@ -380,7 +383,11 @@ class CloudClient:
         try:
             sdk = self._sdk()
             api = sdk.chat.completions if endpoint == "chat" else sdk.completions
-            raw = api.with_raw_response.create(**body)
+            # The SDK refuses keyword arguments it does not know (vLLM's
+            # continue_final_message, say): those travel in extra_body.
+            known = {k: v for k, v in body.items() if k in SDK_FIELDS}
+            extra = {k: v for k, v in body.items() if k not in SDK_FIELDS}
+            raw = api.with_raw_response.create(**known, extra_body=extra or None)
             response = raw.http_response
             if on_response is not None:
                 on_response(response)

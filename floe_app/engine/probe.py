@@ -10,6 +10,7 @@ chat format, then chat answered once per reply (re-aligned), then a plain transc
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -115,7 +116,7 @@ def probe(client: CloudClient, recorder: Recorder | None = None) -> CloudProfile
     notes: list[str] = []
     model = client.target.model
     chat = _with_logprobs(client, recorder, "chat", {"messages": GREETING, "max_tokens": 2},
-                          str(GREETING), notes)
+                          json.dumps(GREETING), notes)
     chat_ok = chat.outcome == OK and bool(chat.text.strip())
     chat_k = chat.top_k if chat.logprobs else 0
     continuation = NONE
@@ -123,7 +124,7 @@ def probe(client: CloudClient, recorder: Recorder | None = None) -> CloudProfile
         messages = [*QUESTION, {"role": "assistant", "content": PARTIAL}]
         for method, extra in ((PREFILL, {}), (CONTINUE_FINAL, CONTINUE_FINAL_FIELDS)):
             seen = _ask(client, recorder, "chat", {"messages": messages, "max_tokens": 4,
-                                                   **extra}, str(messages))
+                                                   **extra}, json.dumps(messages))
             if seen.outcome == OK and continues(seen.text):
                 continuation = method
                 notes.append(f"/chat/completions continues a partial reply ({method})")
