@@ -15,8 +15,12 @@
    greedy, no context) is asked about the glossary terms only others taught, and about the
    others' personal facts. Floe (A frozen, FlexLoRA, ranks 4/8/16) with and without DP,
    against FlexLoRA, FedAvg (equal rank 8) and HetLoRA (ranks 4/8/16) training A and B.
+4. Privacy modes: 3 devices with `floe federation serve`'s defaults, through the real
+   server (aggregation, its check before publishing) and the devices' own steps and gate:
+   no noise (what --privacy auto picks for 3 devices), central DP, and the per-device
+   noise of before; recall, leaks, devices that keep the adapter, epsilon, time, bytes.
 
-    .venv/bin/python -m benchmarks.federated [--parts aggregation,loopback,quality]
+    .venv/bin/python -m benchmarks.federated [--parts aggregation,loopback,quality,privacy]
 """
 
 from __future__ import annotations
@@ -300,6 +304,127 @@ def quality(users: int, rounds_n: int, steps: int, base_cache: Path) -> None:
           " amplification; inf: no noise)")
 
 
+# 4. Privacy modes with the default serve settings
+
+
+PRIVACY_MODES = [  # (name, --privacy, noise multiplier (None: from epsilon 8), clip)
+    ("no noise (--privacy auto, the default)", "auto", None, 20.0),
+    ("central DP (server adds noise to the sum)", "central", None, 20.0),
+    ("per-device noise x1, clip 1 (the old default)", "local", 1.0, 1.0),
+]
+
+
+def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
+                  threads: int) -> None:
+    """Each mode through the real server (server_app.Federation: aggregation, its norm and
+    perplexity check, publish or withhold) and the real device steps (train B with A
+    frozen, clip, noise if the mode says so, the device's llama.cpp perplexity gate), with
+    `floe federation serve`'s defaults: clip 20, lr 2e-3, epsilon target 8, shared rank 16,
+    devices at ranks 4/8/16; then what each device ends with is evaluated as in part 3."""
+    from floe_app.federated import server_app
+    from floe_app.federated.client import LocalBase, perplexity_rise
+    from floe_app.personalize.export import peft_factors, peft_state, write_gguf_adapter
+    from floe_app.personalize.job import bundled_text
+    from floe_app.personalize.trainer import TrainConfig, base_model_of, load_base, train_lora
+
+    root = Path(tempfile.mkdtemp(prefix="floe-privacy-"))
+    pairs = user_examples(root, users, base_cache)
+    model, tokenizer = load_base(bundled_model_path(), base_cache)
+    engine = LocalEngine.load(bundled_model_path(), threads=threads, context_tokens=512)
+    base = LocalBase(bundled_model_path(), dict(engine.metadata))
+    anchor = bundled_text("anchor_text.txt")
+    lr = 2e-3
+    trained_cache: dict[tuple, dict] = {}
+
+    def train(start, rank, examples, seed):
+        key = (seed, rank, tuple(float(start[m][0].sum()) for m in sorted(start)[:4]))
+        if key not in trained_cache:  # round 1 starts from the same zero B in every mode
+            config = TrainConfig(rank=rank, alpha=float(rank), targets=rounds.ATTENTION,
+                                 steps=steps, batch=4, learning_rate=lr, max_tokens=96,
+                                 threads=threads, seed=seed, anchor_weight=5.0,
+                                 train_a=False)
+            started = time.perf_counter()
+            trained = peft_factors(train_lora(model, tokenizer, examples, config, init=start,
+                                              anchor_text=anchor).state)
+            trained_cache[key] = ({m: trained[m][0] - start[m][0] for m in start},
+                                  time.perf_counter() - started)
+        return trained_cache[key]
+
+    def ask(question: str) -> str:
+        tokens = engine.chat_tokens([{"role": "user", "content": question}])
+        return "".join(s.text for s in engine.generate(
+            tokens, Sampling(temperature=0, max_tokens=32)))
+
+    print(f"\n4. Privacy modes: {users} devices (ranks {RANKS[:users]}), one glossary term"
+          f" each (a correction) and one pet (a memory note); {rounds_n} rounds x {steps}"
+          f" local steps, lr {lr:g}; the real server check and device gate")
+    header = (f"{'mode':<46} {'recall':>7} {'log-prob':>9} {'leaks':>6} {'kept by':>8}"
+              f" {'published':>10} {'epsilon':>8} {'s/round':>8} {'KiB/device':>11}")
+    rows = []
+    recall, logprob, leaks = (float(np.mean(c)) for c in zip(*[
+        evaluate_one(u, users, ask, engine.answer_logprob) for u in range(users)],
+        strict=True))
+    rows.append(f"{'base model (no shared adapter)':<46} {recall:>7.0%} {logprob:>9.3f}"
+                f" {leaks:>6.0%} {'-':>8} {'-':>10} {'-':>8} {'-':>8} {'-':>11}")
+    for name, mode, noise, clip in PRIVACY_MODES:
+        settings = server_app.Settings(
+            rounds=rounds_n, rank=SHARED_RANK, clip_norm=clip,
+            noise_multiplier=-1.0 if noise is None else noise, steps=steps, learning_rate=lr,
+            min_nodes=users, round_timeout=1.0, state_dir=root / f"server-{mode}",
+            model=str(bundled_model_path()), privacy=mode)
+        server = server_app.Federation(settings)
+        policy = server.policy
+        published, seconds, sent = [], [], []
+        rng = np.random.default_rng(11)
+        for round_number in range(1, rounds_n + 1):
+            kept, device_seconds = {}, []
+            for user, examples in enumerate(pairs):
+                rank = RANKS[user % len(RANKS)]
+                start = rounds.device_start(server.shared, rank)
+                delta, took = train(start, rank, examples, round_number * 100 + user)
+                noised, _ = dp.privatize(delta, clip, policy.device_noise, rng)
+                noised = {m: a.astype(np.float32) for m, a in noised.items()}
+                sent.append(sum(a.nbytes for a in noised.values()))
+                kept[str(user)] = (noised, rank, len(examples), policy.device_noise)
+                device_seconds.append(took)
+            started = time.perf_counter()
+            outcome = server.combine(round_number, kept)
+            published.append(outcome["published"])
+            # Devices train side by side: a round lasts as long as the slowest one.
+            seconds.append(max(device_seconds) + time.perf_counter() - started)
+            if not outcome["published"]:
+                print(f"  {mode}, round {round_number}: {outcome['withheld']}", flush=True)
+        adapters, accepted = {}, 0
+        for user in range(users):
+            rank = RANKS[user % len(RANKS)]
+            start = rounds.device_start(server.shared, rank)
+            if not any(b.any() for b, _ in start.values()):
+                adapters[user] = None
+                continue
+            path = write_gguf_adapter(root / f"{mode}-{user}.gguf", peft_state(start),
+                                      alpha=float(rank), base=base_model_of(engine.metadata))
+            keep = perplexity_rise(base, path, root / "base-perplexity.json", threads) <= 0.05
+            accepted += keep
+            adapters[user] = path if keep else None  # a refused adapter is not used
+        scores = []
+        for user in range(users):
+            engine.set_adapter(adapters[user])
+            scores.append(evaluate_one(user, users, ask, engine.answer_logprob))
+        engine.set_adapter(None)
+        recall, logprob, leaks = (float(np.mean(c)) for c in zip(*scores, strict=True))
+        epsilon = f"{policy.epsilon:.2f}" if policy.mode != "none" else "none"
+        rows.append(f"{name:<46} {recall:>7.0%} {logprob:>9.3f} {leaks:>6.0%}"
+                    f" {accepted:>6}/{users} {sum(published):>7}/{rounds_n} {epsilon:>8}"
+                    f" {np.mean(seconds):>8.1f} {np.mean(sent) / 1024:>11.0f}")
+        print(f"  {mode}: {policy.reason}", flush=True)
+    print(header)
+    print("\n".join(rows))
+    print(f"(epsilon per user over {rounds_n} rounds at delta 1e-5, add-or-remove-one, no"
+          " sampling amplification; central DP is against everyone but the operator; kept"
+          " by: devices whose perplexity gate (+5%) accepts the final shared adapter;"
+          " published: rounds whose aggregate the server's check let out)")
+
+
 def evaluate_one(user: int, users: int, ask, answer_logprob) -> tuple[float, float, float]:
     """One user's model: recall of the terms others taught, mean log-prob of those answers,
     and whether it names another user's pet."""
@@ -313,13 +438,17 @@ def evaluate_one(user: int, users: int, ask, answer_logprob) -> tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="aggregation,loopback,quality")
+    parser.add_argument("--parts", default="aggregation,loopback,quality,privacy")
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--nodes", default="3,10")
     parser.add_argument("--steps", type=int, default=4, help="local steps in loopback rounds")
     parser.add_argument("--users", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=15)
+    parser.add_argument("--privacy-users", type=int, default=3)
+    parser.add_argument("--privacy-steps", type=int, default=20,
+                        help="local steps per round in part 4 (serve's default: 20)")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     parts = args.parts.split(",")
     print(f"benchmarks.federated, {time.strftime('%Y-%m-%d')}, {cpu_info().model},"
@@ -327,7 +456,7 @@ def main() -> None:
     if "aggregation" in parts:
         aggregation([int(n) for n in args.sizes.split(",")])
     base_cache = Path(tempfile.mkdtemp(prefix="floe-fed-cache-"))
-    if "loopback" in parts or "quality" in parts:
+    if "loopback" in parts or "quality" in parts or "privacy" in parts:
         from floe_app.personalize.trainer import load_base
 
         load_base(bundled_model_path(), base_cache)  # dequantized once, before timing
@@ -335,6 +464,9 @@ def main() -> None:
         loopback([int(n) for n in args.nodes.split(",")], args.steps, base_cache)
     if "quality" in parts:
         quality(args.users, args.rounds, args.local_steps, base_cache)
+    if "privacy" in parts:
+        privacy_modes(args.privacy_users, args.rounds, args.privacy_steps, base_cache,
+                      args.threads)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,7 @@ def device(root: Path, name: str, address: str, base_cache: Path, tier: str = "s
     config.learning.threads = 1  # four devices share two cores here
     config.federation.enabled = True
     config.federation.address = address
-    config.federation.min_noise_multiplier = 0.0  # DP is measured in benchmarks/federated.py
-    config.federation.max_epsilon = float("inf")
+    # federation.require, min_noise_multiplier, max_epsilon: the defaults a team gets.
     write_config(paths, config)
     store = Store(paths.database)
     if lesson is not None:
@@ -128,8 +127,9 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
     state = tmp_path / "operator" / "federation"
     serve_args = ["federation", "serve", "--port", str(port), "--state-dir", str(state),
                   "--rounds", "2", "--rank", "16", "--steps", "6", "--learning-rate", "0.01",
-                  "--clip-norm", "10", "--noise-multiplier", "0", "--min-nodes", "4",
-                  "--round-timeout", "400"]
+                  "--clip-norm", "10", "--min-nodes", "4", "--round-timeout", "400"]
+    # --privacy auto (the default): four devices cannot bear DP noise, so none is added,
+    # and the server says so, to the operator and to every device.
     serve = run_floe(tmp_path / "operator", *serve_args)
     try:
         wait_for(lambda: (state / "superlink.pid").exists(), 60, "the SuperLink", serve)
@@ -140,11 +140,14 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
         sync_pids = [json.loads((h / "data" / "sync.json").read_text())["pid"] for h in homes]
 
         # Round 1, then the SuperLink dies.
-        wait_for(lambda: len(rounds_logged(state)) >= 1, 400, "round 1", serve)
+        wait_for(lambda: any(e["event"] == "round" for e in rounds_logged(state)), 400,
+                 "round 1", serve)
         os.killpg(int((state / "superlink.pid").read_text()), signal.SIGKILL)
         out, err = serve.communicate(timeout=60)
         assert serve.returncode == 1 and "the SuperLink stopped" in err
         assert "round 1: 4 nodes, 3 updates aggregated" in out
+        assert "privacy: no DP noise; auto: no DP noise (epsilon 7.99" in out
+        assert "No formal guarantee: this federation is too small for one" in out
 
         # Device 3 opts out while the federation is down; everything else carries on.
         paths3 = resolve_paths({"FLOE_HOME": str(homes[2])})
@@ -167,7 +170,8 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
             floe(home, "sync", "stop")
         proxy.close()
 
-    first, second, final = rounds_logged(state)
+    first, second, final = [e for e in rounds_logged(state) if e["event"] != "privacy"]
+    assert first["published"] and second["published"] and first["privacy"] == "none"
     assert sorted(u["rank"] for u in first["accepted"].values()) == [4, 8, 16]
     [why] = first["refused"].values()
     assert "NaN" in why
@@ -200,6 +204,13 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
     # Opting out stopped device 3's uploads at once.
     assert all(datetime.fromisoformat(e.created_at).timestamp() < opted_out_at
                for e in uploads[2])
+
+    # Every device shows the federation's privacy, as the server decided it.
+    for home in homes:
+        status = floe(home, "sync", "status").stdout
+        assert "Privacy in 127.0.0.1:" in status
+        assert "No formal guarantee: this federation is too small for one" in status
+        assert "uploads without DP noise: no formal guarantee for them" in status
 
     # What device 1 sent, read off the wire: tensors and counts, never text.
     check_wire(proxy, uploads[0], texts=[*GLOSSARY[0], PERSONAL[0], "Rexor", "flarn"])
