@@ -125,11 +125,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds per everyday prompt")
     parser.add_argument("--only", default="before,after")
     parser.add_argument("--show", action="store_true", help="print every reply")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=V,...",
+                        help="another sampler: the defaults with these fields changed")
+    parser.add_argument("--no-facts", action="store_true")
     args = parser.parse_args()
 
     engine = LocalEngine.load(bundled_model_path())
     chat = ChatSettings()
     configs = {k: v for k, v in configurations().items() if k in args.only.split(",")}
+    for variant in args.variant:
+        name, _, changes = variant.partition(":")
+        fields = {f.name: f.type for f in dataclasses.fields(Sampling)}
+        values = {key: (int if fields[key] in (int, "int") else float)(value)
+                  for key, value in (c.split("=") for c in changes.split(",") if c)}
+        configs[name] = dataclasses.replace(configurations()["after"], **values)
     started = time.perf_counter()
     results: dict[str, list[tuple[bool, int, str]]] = {name: [] for name in configs}
     for i, prompt in enumerate(EVERYDAY):
@@ -142,7 +151,7 @@ def main() -> None:
                     print(f"--- {name} seed {seed}: {prompt} ({n} tokens, "
                           f"{'LOOP' if loops(text) else 'ok'})\n{text}\n")
     facts: dict[str, dict[str, int]] = {name: {"sampled": 0, "greedy": 0} for name in configs}
-    for i, (question, answers) in enumerate(FACTUAL):
+    for i, (question, answers) in enumerate([] if args.no_facts else FACTUAL):
         for name, sampling in configs.items():
             for kind, s in (("sampled", dataclasses.replace(sampling, seed=i)),
                             ("greedy", dataclasses.replace(sampling, temperature=0.0))):
