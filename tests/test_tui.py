@@ -344,6 +344,8 @@ async def test_opting_in_and_out_of_federated_rounds_in_settings(paths, config, 
         await pilot.press("f2")
         status = str(app.screen.query_one("#federation-status").render())
         assert "Sync: not running" in status and "epsilon 0.00 at delta 1e-05" in status
+        assert "Privacy: no federation round received yet" in status  # then its paragraph
+        assert app.screen.query_one("#federation-require").value == "any"
         app.screen.query_one("#federation-enabled").value = "true"
         app.screen.query_one("#federation-address").value = "federation.example.org:9092"
         await pilot.press("ctrl+s")

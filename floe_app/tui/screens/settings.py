@@ -18,7 +18,7 @@ EDITABLE = ("model.path", "chat.system_prompt", "chat.mode", "chat.temperature",
             "cloud.provider", "cloud.endpoint", "cloud.continuation", "fusion.deadline_ms",
             "fusion.wait_budget_ms", "fusion.max_requests", "learning.paused", "learning.auto",
             "learning.delay_s", "learning.tier", "federation.enabled", "federation.address",
-            "federation.root_certificates", "federation.node_key",
+            "federation.root_certificates", "federation.node_key", "federation.require",
             "federation.min_noise_multiplier", "federation.max_epsilon",
             "federation.share_replies", "federation.share_corrections")
 
