@@ -140,7 +140,7 @@ class CloudStream:
     logprobs: bool = True  # log-probabilities were asked for
     tokens: list[CloudToken] = field(default_factory=list)
     text: bytes = b""
-    finished: bool = False  # the cloud ended its continuation (stop or length)
+    finished: bool = False  # the cloud ended its answer itself (not cut at max_tokens)
     outcome: str = ""  # set once the request is over, one of the outcomes above
     error: str = ""
     profile: CloudProfile | None = None  # set when the request is sent
@@ -403,7 +403,9 @@ class CloudClient:
                 for token in assembler.feed(chunk):
                     on_token(token)
                 if chunk.finish_reason:
-                    finished = True
+                    # Only an answer the cloud ended itself is an end the reply may follow;
+                    # "length" means it was cut at max_tokens, mid-thought.
+                    finished = chunk.finish_reason != "length"
             for token in assembler.finish():
                 on_token(token)
         except InterruptedError:
