@@ -559,7 +559,9 @@ def print_sync_status(paths: Paths, config: Config, as_json: bool) -> int:
                           "address": state and state.address, "rank": state and state.rank,
                           "uploads": summary.uploads, "epsilon": summary.epsilon,
                           "delta": config.federation.delta, "rounds": summary.rounds,
-                          "shared": summary.shared}))
+                          "shared": summary.shared,
+                          "privacy": summary.statement(),
+                          "policy": summary.policy[1].to_json() if summary.policy else None}))
         return 0
     print("\n".join(summary.lines(config.federation.delta)))
     return 0

@@ -441,3 +441,16 @@ def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
                              "refused": {}, "declined": {}, "seconds": 1.0,
                              "version": "v", **outcome})
     assert "shared adapter unchanged, not published: the aggregate changes" in line
+
+
+def test_serve_refuses_distributed_dp_and_status_json_has_the_privacy(paths, capsys):
+    import json
+
+    from floe_app.cli import main
+
+    assert main(["federation", "serve", "--privacy", "distributed"]) == 2
+    assert "needs secure aggregation" in capsys.readouterr().err
+    assert main(["sync", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["privacy"].startswith("Privacy: no federation round received yet")
+    assert status["policy"] is None
