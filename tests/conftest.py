@@ -71,6 +71,18 @@ def session(store: Store, config: Config, engine: LocalEngine, paths: Paths) -> 
     return session
 
 
+@pytest.fixture
+def make_session(store, engine, paths):
+    """Sessions for a given config (env: only what is passed) sharing the loaded model."""
+    def make(config, env=None):
+        config.model.context_tokens = engine.n_ctx
+        session = ChatSession(store, config, env=env if env is not None else {}, paths=paths)
+        session._engine = engine
+        session._engine_key = session._wanted_engine_key()
+        return session
+    return make
+
+
 @contextlib.contextmanager
 def prompts_seen(engine: LocalEngine):
     """Record the text of every prompt the local model is asked to continue."""

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from floe_app.session import ChatSession, Delta, Finished, Notice
+from floe_app.session import Delta, Finished, Notice
 from tests.conftest import prompts_seen, run_floe
 from tests.support.cloud_server import free_port
 
@@ -28,17 +28,6 @@ def reply(session, text=QUESTION, mode="fused", cancel=None):
     streamed = "".join(e.text for e in events if isinstance(e, Delta))
     assert streamed == done.text
     return cid, done, notices
-
-
-@pytest.fixture
-def make_session(store, engine):
-    def make(config, env=None):
-        config.model.context_tokens = engine.n_ctx
-        session = ChatSession(store, config, env=env if env is not None else {})
-        session._engine = engine
-        session._engine_key = session._wanted_engine_key()
-        return session
-    return make
 
 
 def local_text(make_session, config, text=QUESTION):

@@ -13,7 +13,7 @@ import pytest
 
 from floe_app.engine.profiles import NONE, RAW_PROMPT, ProfileCache
 from floe_app.errors import FloeError
-from floe_app.session import ChatSession, Finished, Notice
+from floe_app.session import Finished, Notice
 from tests.conftest import run_floe
 from tests.support.cloud_server import CloudServer, free_port, gemma_path
 from tests.support.proxy import FaultProxy
@@ -27,17 +27,6 @@ QUESTION = "What is the capital of France?"
 def auto_config(cloud_config):
     cloud_config.cloud.provider = "auto"
     return cloud_config
-
-
-@pytest.fixture
-def make_session(store, engine, paths):
-    def make(config):
-        config.model.context_tokens = engine.n_ctx
-        session = ChatSession(store, config, env={}, paths=paths)
-        session._engine = engine
-        session._engine_key = session._wanted_engine_key()
-        return session
-    return make
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from floe_app.engine.cloud import OK, CloudClient, CloudStream, CloudTarget
 from floe_app.engine.logprobs import TokenAssembler, parse_chunk
 from floe_app.engine.probe import PARTIAL
 from floe_app.engine.profiles import PREFILL, RAW_PROMPT, ProfileCache
-from floe_app.session import ChatSession, Finished
+from floe_app.session import Finished
 from tests.conftest import run_floe
 from tests.support.models import DEFAULT_CACHE, qwen_alias, qwen_path
 from tests.support.proxy import FaultProxy
@@ -74,17 +74,6 @@ def llama_config(config, llama_proxy):
     config.fusion.first_token_ms = 30_000
     config.fusion.sure_prob = 1.0  # wait wherever the cloud is not there yet
     return config
-
-
-@pytest.fixture
-def make_session(store, engine, paths):
-    def make(config):
-        config.model.context_tokens = engine.n_ctx
-        session = ChatSession(store, config, env={}, paths=paths)
-        session._engine = engine
-        session._engine_key = session._wanted_engine_key()
-        return session
-    return make
 
 
 @pytest.fixture
