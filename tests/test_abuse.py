@@ -6,8 +6,8 @@ line saying what is wrong; nothing the user had is lost."""
 from __future__ import annotations
 
 import datetime as dt
-import re
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -181,7 +181,7 @@ def test_plugin_and_memory_commands_take_any_arguments(chat_home, capsys, monkey
     monkeypatch.setenv("FLOE_PLUGINS", "files,clock")  # the example plugins, installed
     paths, _ = chat_home
     before = messages_in(paths)
-    code, out, err = run_cli(capsys, command, *args)
+    code, _, err = run_cli(capsys, command, *args)
     assert code in (0, 1, 2)
     assert "invalid choice" not in err and "DISABLED" not in err
     assert messages_in(paths) == before
