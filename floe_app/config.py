@@ -36,8 +36,10 @@ class ModelSettings:
     )
     threads: int = field(
         default=0,
-        metadata=_rule("a whole number from 0 to 256 (0 = one per physical core)",
-                       lambda v: 0 <= v <= 256, "CPU threads for generation"),
+        metadata=_rule("a whole number from 0 to 256 (0 = automatic)",
+                       lambda v: 0 <= v <= 256,
+                       "CPU threads for generation; 0: up to one per physical core, fewer"
+                       " while other programs keep cores busy"),
     )
     context_tokens: int = field(
         default=4096,
