@@ -39,6 +39,7 @@ def test_fused_reply_uses_the_cloud_and_records_every_request(make_session, clou
                                                               store):
     cloud_config.fusion.deadline_ms = 2000  # wait for the cloud at unsure tokens: it must show
     cloud_config.fusion.wait_budget_ms = 60_000
+    cloud_config.fusion.sure_prob = 1.0  # ... even where the local model is sure
     session = make_session(cloud_config)
     cid, done, _ = reply(session)
     cloud = done.stats["cloud"]
@@ -233,7 +234,9 @@ def test_chat_completions_api_streams_alternatives_and_fuses(make_session, confi
         assert stream.entry.bytes_received > 0
         config.cloud.base_url, config.cloud.model, config.cloud.endpoint = (server.base_url,
                                                                             "gemma", "chat")
-        _, done, _ = reply(make_session(config))
+        session = make_session(config)
+        assert session.probe_cloud().endpoint == "chat"  # before the reply, so it is sent
+        _, done, _ = reply(session)
         assert done.status == "complete" and done.stats["cloud"]["requests"] >= 1
         rows = [row for row in store.ledger() if row.purpose != "probe"]
         assert rows[0].endpoint.endswith("/v1/chat/completions")
