@@ -367,14 +367,24 @@ class Operator:
                         echo(describe(json.loads(line)))
                     seen = fh.tell()
 
+        stopped = ("the SuperLink stopped; start floe federation serve again to carry on from"
+                   " the last completed round")
         next_status = time.monotonic() + status_every
         while True:
             print_new_lines()
             if self.link is not None and self.link.poll() is not None:
-                raise FloeError("the SuperLink stopped; start floe federation serve again to"
-                                " carry on from the last completed round")
+                raise FloeError(stopped)
             if time.monotonic() >= next_status:
-                status, details = self.run_status(run_id)
+                try:
+                    status, details = self.run_status(run_id)
+                except FloeError:
+                    # `flwr ls` fails first when the SuperLink has just died: name the cause.
+                    if self.link is not None:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            self.link.wait(5)
+                        if self.link.poll() is not None:
+                            raise FloeError(stopped) from None
+                    raise
                 if status.startswith("finished"):
                     print_new_lines()
                     return status + (f" ({details})" if details and details != "N/A" else "")
