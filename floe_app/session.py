@@ -595,6 +595,10 @@ class ChatSession:
             while shown < len(chooser.notices):
                 yield Notice(chooser.notices[shown])
                 shown += 1
+            stream = chooser.stream
+            if stream is not None and stream.entry is None and not stream.done:
+                yield Notice("This reply is local: Floe was still finding out what the cloud"
+                             " can do (a few tiny requests, once); the next reply uses it.")
         finally:
             chooser.close()
 

@@ -176,6 +176,9 @@ def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):
     (home / "config").mkdir(parents=True)
     (home / "config" / "config.toml").write_text('[chat]\ntemperature = 0.0\nmax_tokens = 16\n')
     env = {"FLOE_CLOUD_BASE_URL": cloud_server.base_url, "FLOE_CLOUD_MODEL": "gemma"}
+    # provider "auto": what the cloud can do is found out once, here before the first reply
+    # (a first reply that outruns the probe is local, and says so).
+    assert run_floe("cloud", "probe", env_home=home, extra_env=env).returncode == 0
     result = run_floe("ask", "--json", "--mode", "fused", QUESTION, env_home=home,
                       extra_env=env)
     assert result.returncode == 0, result.stderr
@@ -184,7 +187,7 @@ def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):
     assert {"agreed", "fused", "absent", "restarts", "bytes_sent", "bytes_received"} <= set(
         stats["cloud"])
     everything = json.loads(run_floe("ledger", "--json", env_home=home).stdout)
-    # provider "auto": the first use probed the cloud, and every probe request is recorded.
+    # Every probe request is recorded.
     probes = [row for row in everything if row["purpose"] == "probe"]
     ledger = [row for row in everything if row["purpose"] != "probe"]
     assert 2 <= len(probes) <= 8 and all(row["outcome"] == "ok" for row in probes)

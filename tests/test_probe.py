@@ -204,4 +204,6 @@ def test_the_first_reply_never_waits_for_the_probe(make_session, auto_config, pr
     done, notices = reply(session)
     # Not a second of waiting: the reply goes on locally while the probe runs.
     assert done.stats["ttft_ms"] < local.stats["ttft_ms"] + 400 and done.status == "complete"
-    assert done.stats["cloud"]["waited_ms"] == 0 and not notices
+    assert done.stats["cloud"]["waited_ms"] == 0
+    # Said once, if the reply ended before the probe did.
+    assert all("still finding out" in n for n in notices) and len(notices) <= 1

@@ -64,16 +64,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise FloeError(f"the Flower process exited (code {process.returncode})")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
+        if port_open(host, port):
+            return
+        time.sleep(0.2)
     raise FloeError(f"nothing answers on {host}:{port} after {timeout:.0f} s")
 
 
@@ -381,8 +387,9 @@ class Operator:
                     # `flwr ls` fails first when the SuperLink has just died: name the cause.
                     if self.link is not None:
                         with contextlib.suppress(subprocess.TimeoutExpired):
-                            self.link.wait(5)
-                        if self.link.poll() is not None:
+                            self.link.wait(15)  # its death may take a while to show
+                        if self.link.poll() is not None or not port_open(
+                                "127.0.0.1", self.options.port):
                             raise FloeError(stopped) from None
                     raise
                 if status.startswith("finished"):
