@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from floe_app.engine.cloud import (
@@ -65,7 +65,6 @@ class Seen:
     text: str = ""
     top_k: int = 0  # most alternatives seen for one token
     logprobs: bool = False
-    tokens: list[AssembledToken] = field(default_factory=list)
 
 
 def _ask(client: CloudClient, recorder: Recorder | None, endpoint: str,
@@ -79,7 +78,7 @@ def _ask(client: CloudClient, recorder: Recorder | None, endpoint: str,
                                     assembler=assembler)
     text = b"".join(t.text for t in tokens).decode("utf-8", errors="replace")
     top_k = max((len(t.top) for t in tokens), default=0)
-    return Seen(outcome, error, text, top_k, assembler.saw_logprobs, tokens)
+    return Seen(outcome, error, text, top_k, assembler.saw_logprobs)
 
 
 def _with_logprobs(client: CloudClient, recorder: Recorder | None, endpoint: str, body: dict,

@@ -93,25 +93,15 @@ def aggregate(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int
             sums[module][:, :rank] += examples * (b0[:, :rank] + delta[module][:, :rank])
     if total <= 0:
         raise ValueError("updates need a positive total of examples")
-    rng = np.random.default_rng(seed)
-    out: Shared = {}
-    for module, (b0, a) in shared.items():
-        # A's rows are orthonormal, so the singular values of B @ A are those of B.
-        u, s, vt = np.linalg.svd(sums[module] / total, full_matrices=False)
-        live = int((s > 1e-9 * max(float(s[0]), 1e-30)).sum()) if s.size else 0
-        new_b = np.zeros(b0.shape)
-        new_b[:, :live] = u[:, :live] * s[:live]
-        new_a = np.zeros(a.shape)
-        new_a[:live] = vt[:live] @ a.astype(np.float64)
-        out[module] = (new_b.astype(np.float32),
-                       complete_rows(new_a, live, rng).astype(np.float32))
-    return out
+    return _refactor(shared, {module: sums[module] / total for module in shared},
+                     np.random.default_rng(seed))
 
 
 def _refactor(shared: Shared, new_bs: dict[str, np.ndarray], rng: np.random.Generator) -> Shared:
     """B' @ A as B = U S and orthonormal A again (B' given at the shared rank)."""
     out: Shared = {}
     for module, (b0, a) in shared.items():
+        # A's rows are orthonormal, so the singular values of B' @ A are those of B'.
         u, s, vt = np.linalg.svd(new_bs[module], full_matrices=False)
         live = int((s > 1e-9 * max(float(s[0]), 1e-30)).sum()) if s.size else 0
         new_b = np.zeros(b0.shape)
