@@ -310,19 +310,18 @@ def load_settings(report: bool = True) -> tuple[Paths, Config, list[str]]:
 
 def open_session(args: argparse.Namespace, plugins: Plugins | None = None) -> ChatSession:
     from floe_app.session import ChatSession
-    from floe_app.store import Store
 
     paths, config, _ = load_settings()
-    store = Store(paths.database)
-    store.mark_interrupted()
-    return ChatSession(store, config, model_override=args.model, plugins=plugins, paths=paths)
+    return ChatSession.open(paths, config, model_override=args.model, plugins=plugins)
 
 
 def run_tui(args: argparse.Namespace) -> int:
+    from floe_app.session import ChatSession
     from floe_app.tui.app import FloeApp
 
     paths, config, warnings = load_settings(report=False)  # shown inside the app instead
-    FloeApp(paths=paths, config=config, model_override=args.model, warnings=warnings).run()
+    session = ChatSession.open(paths, config, model_override=args.model)
+    FloeApp(session, warnings=warnings).run()
     return 0
 
 

@@ -158,7 +158,9 @@ class ChatSession:
 
     def __init__(self, store: Store, config: Config, model_override: str | None = None,
                  env: dict[str, str] | None = None, plugins: Plugins | None = None,
-                 paths: Paths | None = None) -> None:
+                 paths: Paths | None = None, engine: LocalEngine | None = None) -> None:
+        """`engine`: the local model already loaded for these settings (tests, benchmarks
+        share one); the session reloads it like its own once the model settings change."""
         self.store = store
         # Without paths (tests, benchmarks) everything lives beside the database.
         folder = store.path.parent
@@ -176,11 +178,25 @@ class ChatSession:
         # Facts about the user for the local model only; never sent to a cloud.
         self.private_context: list[str] = []
         self.last_run: ReplyRun | None = None
-        self._engine: LocalEngine | None = None
-        self._engine_key: tuple[Any, ...] | None = None
+        self.interrupted = 0  # replies found interrupted when the store was opened
+        self._engine = engine
+        self._engine_key = self._wanted_engine_key() if engine is not None else None
         self._engine_lock = threading.Lock()
         self._base_engine: LocalEngine | None = None
         self._cloud_client: CloudClient | None = None
+
+    @classmethod
+    def open(cls, paths: Paths, config: Config, model_override: str | None = None,
+             plugins: Plugins | None = None, env: dict[str, str] | None = None,
+             engine: LocalEngine | None = None) -> ChatSession:
+        """The session over the user's database, as the chat and the CLI use it: replies a
+        killed Floe left streaming are marked interrupted first (counted in `interrupted`)."""
+        store = Store(paths.database)
+        interrupted = store.mark_interrupted()
+        session = cls(store, config, model_override=model_override, env=env, plugins=plugins,
+                      paths=paths, engine=engine)
+        session.interrupted = interrupted
+        return session
 
     # The model
 

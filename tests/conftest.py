@@ -65,10 +65,7 @@ def store(paths: Paths) -> Store:
 def session(store: Store, config: Config, engine: LocalEngine, paths: Paths) -> ChatSession:
     """A session that shares the already loaded model (same model path and settings)."""
     config.model.context_tokens = engine.n_ctx
-    session = ChatSession(store, config, paths=paths)
-    session._engine = engine
-    session._engine_key = session._wanted_engine_key()
-    return session
+    return ChatSession(store, config, paths=paths, engine=engine)
 
 
 @pytest.fixture
@@ -76,10 +73,8 @@ def make_session(store, engine, paths):
     """Sessions for a given config (env: only what is passed) sharing the loaded model."""
     def make(config, env=None):
         config.model.context_tokens = engine.n_ctx
-        session = ChatSession(store, config, env=env if env is not None else {}, paths=paths)
-        session._engine = engine
-        session._engine_key = session._wanted_engine_key()
-        return session
+        return ChatSession(store, config, env=env if env is not None else {}, paths=paths,
+                           engine=engine)
     return make
 
 

@@ -201,8 +201,7 @@ def test_fused_replies_take_the_clouds_tokens_in_batches(store, config, engine, 
     config.cloud.provider = "llama-cpp-python"  # raw prompts in ChatML, SmolLM2's format
     config.chat.max_tokens = 32
     config.fusion.deadline_ms, config.fusion.wait_budget_ms = 5000, 60_000
-    session = ChatSession(store, config, env={}, paths=paths)
-    session._engine, session._engine_key = engine, session._wanted_engine_key()
+    session = ChatSession(store, config, env={}, paths=paths, engine=engine)
     for question in QUESTIONS:  # the first pass records the cloud's streams
         list(session.reply(session.new_conversation(), question, mode="fused"))
     taken = []

@@ -139,7 +139,7 @@ async def test_slash_commands_in_the_tui(plugin_dir, paths, config, tmp_path, mo
     from floe_app.tui.widgets.prompt import PromptInput
 
     monkeypatch.setenv("FLOE_PLUGINS", "good,raises")
-    app = FloeApp(paths, config, export_dir=tmp_path)
+    app = FloeApp(ChatSession.open(paths, config), export_dir=tmp_path)
     async with app.run_test(size=(110, 36)) as pilot:
         for _ in range(100):
             if app.session.plugins is not None:
@@ -171,8 +171,7 @@ def test_a_reply_still_works_when_a_context_provider_raises(tmp_path, engine, pl
     config.chat.max_tokens = 4
     config.model.context_tokens = engine.n_ctx
     session = ChatSession(Store(tmp_path / "floe.db"), config,
-                          plugins=Plugins(env={"FLOE_PLUGINS": "flaky"}))
-    session._engine, session._engine_key = engine, session._wanted_engine_key()
+                          plugins=Plugins(env={"FLOE_PLUGINS": "flaky"}), engine=engine)
     events = list(session.reply(session.new_conversation(), "hello"))
     assert isinstance(events[-1], Finished) and events[-1].status == "complete"
     assert "failed in context provider flaky (ZeroDivisionError" in session.plugins.problems[0]

@@ -6,6 +6,7 @@ from textual import events
 from textual.app import App
 
 from floe_app.config import Config, load_config
+from floe_app.session import ChatSession
 from floe_app.store import Store
 from floe_app.tui.app import FloeApp
 from floe_app.tui.screens.confirm import ConfirmScreen
@@ -36,8 +37,9 @@ async def send(pilot, app, text):
     await wait_until(pilot, lambda: not app.generating)
 
 
-def make_app(paths, config, tmp_path, **kwargs):
-    return FloeApp(paths, config, export_dir=tmp_path, **kwargs)
+def make_app(paths, config, tmp_path, model_override=None, env=None):
+    session = ChatSession.open(paths, config, model_override=model_override, env=env)
+    return FloeApp(session, export_dir=tmp_path)
 
 
 @pytest.mark.slow
@@ -284,8 +286,7 @@ async def test_settings_screen_cancel_changes_nothing():
 async def test_fused_chat_in_the_tui_with_mode_switch_and_ledger(paths, cloud_config, tmp_path):
     from floe_app.tui.screens.ledger import LedgerScreen
 
-    app = make_app(paths, cloud_config, tmp_path)
-    app.session.env = {}
+    app = make_app(paths, cloud_config, tmp_path, env={})
     async with app.run_test(size=SIZE) as pilot:
         status = app.query_one(StatusBar)
         assert status.mode == "fused"  # auto: a cloud is configured
@@ -309,8 +310,7 @@ async def test_fused_chat_in_the_tui_with_mode_switch_and_ledger(paths, cloud_co
 
 
 async def test_mode_switch_without_a_cloud_explains_why(paths, config, tmp_path):
-    app = make_app(paths, config, tmp_path)
-    app.session.env = {}
+    app = make_app(paths, config, tmp_path, env={})
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f4")
         assert app.query_one(StatusBar).mode == "local"

@@ -23,7 +23,7 @@ from textual.widgets import Footer, Input, ListView
 
 from floe_app.config import Config, FederationSettings, write_config
 from floe_app.errors import FloeError
-from floe_app.paths import Paths, assets_dir
+from floe_app.paths import assets_dir
 from floe_app.session import ChatSession, Delta, Finished, Notice, Saved, conversation_markdown
 from floe_app.store import Store
 from floe_app.tui.screens.confirm import ConfirmScreen
@@ -104,13 +104,13 @@ class FloeApp(App[None]):
         Binding("f1", "help", "Help"),
     ]
 
-    def __init__(self, paths: Paths, config: Config, model_override: str | None = None,
-                 warnings: list[str] | None = None, export_dir: Path | None = None) -> None:
+    def __init__(self, session: ChatSession, warnings: list[str] | None = None,
+                 export_dir: Path | None = None) -> None:
+        """`session`: built by ChatSession.open (the CLI) or by a test with its own parts."""
         super().__init__()
-        self.paths = paths
-        store = Store(paths.database)
-        self.interrupted = store.mark_interrupted()
-        self.session = ChatSession(store, config, model_override=model_override, paths=paths)
+        self.session = session
+        self.paths = session.paths
+        self.interrupted = session.interrupted
         self.warnings = warnings or []
         self.export_dir = export_dir or Path.cwd()
         self.conversation_id: int | None = None
