@@ -1,5 +1,6 @@
 """The Textual app driven with Pilot, on the real model and a real SQLite file."""
 
+import asyncio
 
 import pytest
 from textual import events
@@ -111,6 +112,42 @@ async def test_escape_stops_the_reply_and_keeps_what_was_written(paths, config, 
         reply = app.store.messages(app.conversation_id)[-1]
         assert reply.status == "stopped" and reply.stats["tokens"] < 400
         assert list(app.query(MessageView))[-1].status == "stopped"
+
+
+@pytest.mark.slow
+async def test_escape_pressed_at_once_after_sending_stops_that_reply(paths, config, tmp_path):
+    config.chat.max_tokens = 400
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "Hi")  # a first reply, whose cancel event Esc must not reach
+        app.query_one(PromptInput).text = "Tell me a long story about a lighthouse."
+        app.post_message(events.Key("enter", "\r"))  # pilot.press would wait for idle
+        for _ in range(2000):
+            if app.generating:
+                break
+            await asyncio.sleep(0.001)
+        await pilot.press("escape")  # at once: the reply thread may not have started yet
+        await wait_until(pilot, lambda: not app.generating)
+        reply = app.store.messages(app.conversation_id)[-1]
+        assert reply.status == "stopped" and reply.stats["finish_reason"] == "cancelled"
+        assert list(app.query(MessageView))[-1].status == "stopped"
+
+
+async def test_an_empty_chat_says_what_to_do(paths, config, tmp_path):
+    app = make_app(paths, config, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        hint = app.query_one("#empty-hint")
+        assert "still loading" in str(hint.render())
+        await wait_until(pilot, lambda: app.query_one(StatusBar).model != "no model")
+        shown = str(hint.render())
+        assert "press Enter" in shown and "F4" in shown and "F2" in shown and "F1" in shown
+        assert "The model is ready." in shown
+        app.query_one(PromptInput).text = "/memories"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: not app.query("#empty-hint"))
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert "The model is ready." in str(app.query_one("#empty-hint").render())
 
 
 @pytest.mark.slow
@@ -291,7 +328,7 @@ async def test_fused_chat_in_the_tui_with_mode_switch_and_ledger(paths, cloud_co
         status = app.query_one(StatusBar)
         assert status.mode == "fused"  # auto: a cloud is configured
         await pilot.press("f4")
-        assert status.mode == "cloud" and app.pending_mode == "cloud"
+        assert status.mode == "cloud" and app.chat_pane.pending_mode == "cloud"
         await pilot.press("f4", "f4")
         assert status.mode == "fused"
         await send(pilot, app, "What is the capital of France?")

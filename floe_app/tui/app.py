@@ -1,21 +1,21 @@
-"""The chat app: sidebar of conversations, the conversation, the message box, a status line.
+"""The chat app's frame: the sidebar, the chat pane, the status line, keys and screens.
 
-Model loading and generation run in thread workers and report back with messages, so the
-interface stays responsive; the reply is stored by ChatSession as it streams.
+The chat pane (widgets/chat_pane.py) owns the open conversation and the reply being
+written; it reports to the app in messages, and the app updates the sidebar and the status
+line. Model loading runs in a thread worker, so the interface stays responsive.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
@@ -24,7 +24,7 @@ from textual.widgets import Footer, Input, ListView
 from floe_app.config import Config, FederationSettings, write_config
 from floe_app.errors import FloeError
 from floe_app.paths import assets_dir
-from floe_app.session import ChatSession, Delta, Finished, Notice, Saved, conversation_markdown
+from floe_app.session import ChatSession, conversation_markdown
 from floe_app.store import Store
 from floe_app.tui.screens.confirm import ConfirmScreen
 from floe_app.tui.screens.correct import CorrectionScreen
@@ -33,28 +33,15 @@ from floe_app.tui.screens.learning import LearningScreen
 from floe_app.tui.screens.ledger import LedgerScreen
 from floe_app.tui.screens.rename import RenameScreen
 from floe_app.tui.screens.settings import SettingsScreen
-from floe_app.tui.widgets.chat import ChatView, MessageView
+from floe_app.tui.widgets.chat_pane import ChatPane
 from floe_app.tui.widgets.prompt import PromptInput
 from floe_app.tui.widgets.sidebar import ConversationItem, Sidebar
 from floe_app.tui.widgets.status import StatusBar
-
-# How often streamed text reaches the screen. Each update re-lays out the conversation
-# (~10 ms of Python on the UI thread), which competes with decoding for the same cores and
-# interpreter: per token, the chat ran at half the speed of `floe ask`. 20 frames a second
-# still reads as smooth streaming.
-FRAME_S = 1 / 20
 
 # Keys handled by the message box itself; listed in the help screen with the bindings.
 INPUT_KEYS = [("Enter", "Send the message"), ("Shift+Enter / Ctrl+J", "New line in the message"),
               ("Tab / Shift+Tab", "Move between the sidebar and the message box"),
               ("Ctrl+P", "Command palette: every action by name"), ("Ctrl+Q", "Quit")]
-
-
-@dataclass
-class Failed:
-    """The reply could not be produced; `error` is the one-line reason."""
-
-    error: str
 
 
 class ModelState(Message):
@@ -63,23 +50,6 @@ class ModelState(Message):
         self.state = state  # loading | ready | error
         self.detail = detail
         self.fraction = fraction
-
-
-class ReplyProgress(Message):
-    def __init__(self, view: MessageView, event: Saved | Notice | Delta | Finished | Failed,
-                 text: str = "") -> None:
-        super().__init__()
-        self.view = view
-        self.event = event
-        self.text = text  # the user's message, given back to them if it was never saved
-
-
-class CommandResult(Message):
-    def __init__(self, command: str, text: str, failed: bool = False) -> None:
-        super().__init__()
-        self.command = command
-        self.text = text
-        self.failed = failed
 
 
 class FloeApp(App[None]):
@@ -113,13 +83,6 @@ class FloeApp(App[None]):
         self.interrupted = session.interrupted
         self.warnings = warnings or []
         self.export_dir = export_dir or Path.cwd()
-        self.conversation_id: int | None = None
-        self.pending_mode: str | None = None  # chosen before the new chat's first message
-        self.generating = False
-        self._cancel = threading.Event()
-        self._streaming: set[MessageView] = set()
-        self._frame: Timer | None = None  # the frame clock, running while a reply streams
-        self.frame_s = FRAME_S  # 0: every token to the screen at once (benchmarks compare)
         self._reported: set[str] = set()  # plugin problems already shown
         self._training_timer: Timer | None = None
         self._seen_job: float | None = None  # when the last finished job was reported
@@ -128,12 +91,22 @@ class FloeApp(App[None]):
     def store(self) -> Store:
         return self.session.store
 
+    @property
+    def chat_pane(self) -> ChatPane:
+        return self.query_one(ChatPane)
+
+    @property
+    def conversation_id(self) -> int | None:
+        return self.chat_pane.conversation_id
+
+    @property
+    def generating(self) -> bool:
+        return self.chat_pane.generating
+
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
             yield Sidebar(id="sidebar")
-            with Vertical(id="main"):
-                yield ChatView(id="chat")
-                yield PromptInput(id="prompt")
+            yield ChatPane(self.session, id="main")
         yield StatusBar(id="status")
         yield Footer()
 
@@ -176,6 +149,7 @@ class FloeApp(App[None]):
 
     def on_model_state(self, message: ModelState) -> None:
         status = self.query_one(StatusBar)
+        self.chat_pane.set_model_state(message.state)
         if message.state == "loading":
             status.state = f"loading model {message.fraction:.0%}"
         elif message.state == "ready":
@@ -198,19 +172,19 @@ class FloeApp(App[None]):
         await sidebar.show(conversations, self.conversation_id)
 
     async def open_conversation(self, conversation_id: int | None) -> None:
-        self.conversation_id = conversation_id
-        chat = self.query_one(ChatView)
-        conversation = self.store.conversation(conversation_id) if conversation_id else None
-        await chat.show_messages(self.store.messages(conversation_id) if conversation else [])
+        await self.chat_pane.open(conversation_id)
+
+    async def on_chat_pane_opened(self, message: ChatPane.Opened) -> None:
+        conversation = self.store.conversation(message.conversation_id or 0)
         self.sub_title = conversation.title if conversation else ""
-        self.pending_mode = None
         self.show_mode()
         await self.refresh_sidebar()
 
+    async def on_chat_pane_created(self) -> None:
+        await self.refresh_sidebar()
+
     def show_mode(self) -> None:
-        conversation = self.store.conversation(self.conversation_id or 0)
-        requested = None if conversation else self.pending_mode
-        self.query_one(StatusBar).mode = self.session.resolve_mode(requested, conversation)[0]
+        self.query_one(StatusBar).mode = self.chat_pane.mode()[0]
 
     async def on_list_view_selected(self, event: ListView.Selected) -> None:
         if isinstance(event.item, ConversationItem):
@@ -228,111 +202,19 @@ class FloeApp(App[None]):
                 hits.index = 0
             hits.focus()
 
-    # Sending and streaming
+    # Replies and commands
 
-    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
-        text = event.text
-        if not text.strip():
-            self.notify("Type a message first.", severity="warning")
-            return
-        if self.generating:
-            self.notify("Floe is still replying: wait, or press Esc to stop it.",
-                        severity="warning")
-            return
-        if text.lstrip().startswith("/"):
-            event.prompt.clear()
-            if self.conversation_id is None:
-                self.conversation_id = self.session.new_conversation()
-                await self.refresh_sidebar()
-            self.run_slash_command(text.strip())
-            return
-        if self.conversation_id is None:
-            self.conversation_id = self.session.new_conversation()
-            if self.pending_mode:
-                self.store.set_conversation_mode(self.conversation_id, self.pending_mode)
-            await self.refresh_sidebar()
-        event.prompt.clear()
-        chat = self.query_one(ChatView)
-        await chat.add_message("user", text)
-        view = await chat.add_message("assistant", "", status="streaming")
-        view.start_stream()
-        self._streaming.add(view)
-        if self.frame_s > 0:
-            if self._frame is None:
-                self._frame = self.set_interval(self.frame_s, self.show_streamed_text)
-            self._frame.resume()
-        self.generating = True
+    def on_chat_pane_reply_started(self) -> None:
         self.query_one(StatusBar).state = "replying… (Esc to stop)"
-        self.run_reply(self.conversation_id, text, view)
 
-    @work(thread=True, exclusive=True, group="reply")
-    def run_reply(self, conversation_id: int, text: str, view: MessageView) -> None:
-        self._cancel = cancel = threading.Event()
-        first = True
-        try:
-            for event in self.session.reply(conversation_id, text, cancel):
-                if isinstance(event, Delta):
-                    view.feed(event.text)  # shown on the next frame
-                    if not first and self.frame_s > 0:
-                        continue
-                    first = False  # the first words go to the screen at once
-                self.post_message(ReplyProgress(view, event))
-        except FloeError as exc:
-            self.post_message(ReplyProgress(view, Failed(str(exc)), text))
-        except Exception as exc:  # an engine bug must not take the chat down
-            self.post_message(ReplyProgress(view, Failed(f"unexpected error: {exc!r}"), text))
+    async def on_chat_pane_reply_ended(self, message: ChatPane.ReplyEnded) -> None:
+        status = self.query_one(StatusBar)
+        status.state = ""
+        if message.stats is not None:
+            status.last_stats = message.stats
+        await self.refresh_sidebar()
 
-    async def on_reply_progress(self, message: ReplyProgress) -> None:
-        view, event = message.view, message.event
-        chat = self.query_one(ChatView)
-        shown = view.is_attached
-        if isinstance(event, Saved):
-            view.saved_user_message = True
-        elif isinstance(event, Delta):
-            await view.flush()
-        elif isinstance(event, Notice) and shown:
-            await chat.add_notice(event.text, before=view)
-        elif isinstance(event, Finished | Failed):
-            self._streaming.discard(view)
-            if not self._streaming and self._frame is not None:
-                self._frame.pause()
-            try:  # "done" only once the whole reply, its status and the sidebar show
-                await view.end_stream()
-                status = self.query_one(StatusBar)
-                status.state = ""
-                if isinstance(event, Finished):
-                    view.message_id = event.message_id
-                    view.set_status(event.status)
-                    status.last_stats = event.stats
-                else:
-                    view.set_status("error")
-                    await chat.add_notice(f"**Could not reply:** {event.error}")
-                    prompt = self.query_one(PromptInput)
-                    if not view.saved_user_message and not prompt.text:
-                        prompt.text = message.text
-                        self.notify("Your message was not saved; it is back in the message box.",
-                                    severity="warning")
-                await self.refresh_sidebar()
-            finally:
-                self.generating = False
-
-    async def show_streamed_text(self) -> None:
-        for view in list(self._streaming):
-            await view.flush()
-
-    @work(thread=True, group="command")
-    def run_slash_command(self, text: str) -> None:
-        try:
-            result = self.session.run_command(self.conversation_id, text)
-        except FloeError as exc:
-            self.post_message(CommandResult(text, str(exc), failed=True))
-        else:
-            self.post_message(CommandResult(text, result))
-
-    async def on_command_result(self, message: CommandResult) -> None:
-        chat = self.query_one(ChatView)
-        heading = f"`{message.command}`" + (" failed" if message.failed else "")
-        await chat.add_notice(f"{heading}\n\n{message.text}")
+    def on_chat_pane_command_ran(self, message: ChatPane.CommandRan) -> None:
         self.report_plugin_problems()
         if message.command.startswith(("/remember", "/forget")) and not message.failed:
             self.schedule_training()
@@ -346,9 +228,7 @@ class FloeApp(App[None]):
     # Actions
 
     def action_stop(self) -> None:
-        if self.generating:
-            self._cancel.set()
-        else:
+        if not self.chat_pane.stop():
             self.query_one(PromptInput).focus()
 
     async def action_new_chat(self) -> None:
@@ -398,10 +278,7 @@ class FloeApp(App[None]):
         modes = ["local", "fused", "cloud"]
         current = self.query_one(StatusBar).mode
         mode = modes[(modes.index(current) + 1) % len(modes)] if current in modes else "fused"
-        if self.conversation_id is None:
-            self.pending_mode = mode
-        else:
-            self.store.set_conversation_mode(self.conversation_id, mode)
+        self.chat_pane.choose_mode(mode)
         self.show_mode()
         self.notify(f"Replies in this chat: {mode}.")
 
@@ -445,7 +322,7 @@ class FloeApp(App[None]):
         self._seen_job = finished or self._seen_job or 0.0
 
     def action_rate_reply(self, rating: int) -> None:
-        view = self.query_one(ChatView).last_reply()
+        view = self.chat_pane.last_reply()
         if view is None or view.message_id is None:
             self.notify("No reply to rate yet.")
             return
@@ -455,7 +332,7 @@ class FloeApp(App[None]):
         self.schedule_training()
 
     def action_correct_reply(self) -> None:
-        view = self.query_one(ChatView).last_reply()
+        view = self.chat_pane.last_reply()
         if view is None or view.message_id is None or self.generating:
             self.notify("No finished reply to correct yet.")
             return

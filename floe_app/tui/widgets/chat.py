@@ -95,14 +95,22 @@ class ChatView(VerticalScroll):
     def on_mount(self) -> None:
         self.anchor()
 
-    async def show_messages(self, messages: list[Message]) -> None:
+    async def show_messages(self, messages: list[Message], hint: str = "") -> None:
+        """The messages; with none, `hint` says what to do (it goes once one is added)."""
         await self.remove_children()
+        if not messages and hint:
+            await self.mount(Static(hint, id="empty-hint", markup=False))
         await self.mount_all(MessageView(m.role, m.content, m.status, m.id, m.rating,
                                          m.correction is not None) for m in messages)
         self.anchor()
 
+    def update_hint(self, hint: str) -> None:
+        for shown in self.query("#empty-hint").results(Static):
+            shown.update(hint)
+
     async def add_message(self, role: str, content: str = "", status: str = "complete",
                           before: MessageView | None = None) -> MessageView:
+        await self.query("#empty-hint").remove()
         view = MessageView(role, content, status)
         await self.mount(view, before=before)
         self.anchor()
