@@ -103,6 +103,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @dataclass
+class SettingsApplied:
+    """What applying new settings did: notices and errors to show, and whether the model
+    settings changed (the interface reloads the model, showing progress)."""
+
+    reload_model: bool = False
+    notices: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
 class FittedPrompt:
     messages: list[dict[str, str]]  # what the model sees (the cloud gets the same, redacted)
     tokens: list[int]
@@ -400,8 +410,45 @@ class ChatSession:
 
         return sync_summary(self.paths).lines(self.config.federation.delta)
 
-    def federation_changed(self, before: FederationSettings) -> str | None:
-        """After settings are saved: opting out stops the sync service at once (the device
+    def training_status(self) -> TrainingStatus | None:
+        if self._training is not None and self._training.poll() is not None:
+            self._training = None  # reaped: its pid no longer looks alive
+        return read_status(self.paths.data_dir)
+
+    def learning_line(self) -> str:
+        status = self.training_status()
+        active = self.registry.active_version()
+        using = f"adapter v{active}" if active else "no adapter yet"
+        if self.config.learning.paused:
+            return f"Learning paused; using {using}."
+        return f"{status.line() if status else 'Not trained yet.'} Using {using}."
+
+    # Settings
+
+    def apply_settings(self, new: Config) -> SettingsApplied:
+        """Use `new` from now on and save it to the config file; opting in or out of
+        federated rounds starts or stops the sync service (seconds: call this off the UI
+        thread). Says what changed, for the interface to show."""
+        before = self.config
+        self.config = new
+        applied = SettingsApplied(reload_model=new.model != before.model)
+        try:
+            path = write_config(self.paths, new)
+        except OSError as exc:
+            applied.errors.append(f"Settings apply now but could not be saved: {exc.strerror}")
+        else:
+            applied.notices.append(f"Settings saved to {path}")
+        try:
+            notice = self._federation_changed(before.federation)
+        except FloeError as exc:
+            applied.errors.append(f"Federated sync: {exc}")
+        else:
+            if notice:
+                applied.notices.append(notice)
+        return applied
+
+    def _federation_changed(self, before: FederationSettings) -> str | None:
+        """After settings are applied: opting out stops the sync service at once (the device
         also checks before every upload); opting in starts it. FloeError if it cannot."""
         from floe_app.federated import service
         from floe_app.personalize.tiers import choose_tier, probe
@@ -417,19 +464,6 @@ class ChatSession:
             return (f"Federated sync started (rank {state.rank}): it joins {state.address}"
                     " when this computer is idle and on power.")
         return None
-
-    def training_status(self) -> TrainingStatus | None:
-        if self._training is not None and self._training.poll() is not None:
-            self._training = None  # reaped: its pid no longer looks alive
-        return read_status(self.paths.data_dir)
-
-    def learning_line(self) -> str:
-        status = self.training_status()
-        active = self.registry.active_version()
-        using = f"adapter v{active}" if active else "no adapter yet"
-        if self.config.learning.paused:
-            return f"Learning paused; using {using}."
-        return f"{status.line() if status else 'Not trained yet.'} Using {using}."
 
     # The cloud
 

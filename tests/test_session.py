@@ -1,9 +1,11 @@
 """A chat turn end to end: real model, real SQLite file."""
 
 import threading
+from dataclasses import replace
 
 import pytest
 
+from floe_app.config import load_config
 from floe_app.errors import FloeError, ModelError
 from floe_app.session import (
     ChatSession,
@@ -179,3 +181,15 @@ def test_empty_and_huge_memory_notes_are_refused(session, store):
         session.run_command(None, "/remember " + "x" * 2001)
     assert store.memories() == []
     assert "/remember: remember a fact about you" in session.run_command(None, "/help")
+
+
+def test_applying_settings_replaces_the_config_saves_it_and_says_what_changed(store, config,
+                                                                              paths):
+    session = ChatSession(store, config, paths=paths)
+    new = replace(config, chat=replace(config.chat, max_tokens=77))
+    applied = session.apply_settings(new)
+    assert session.config is new and config.chat.max_tokens == 24  # replaced, not mutated
+    assert applied.notices == [f"Settings saved to {paths.config_file}"]
+    assert applied.errors == [] and not applied.reload_model
+    assert load_config(paths)[0].chat.max_tokens == 77
+    assert session.apply_settings(replace(new, model=replace(new.model, threads=3))).reload_model

@@ -272,6 +272,7 @@ async def test_settings_saved_from_the_app_reach_the_file_and_the_session(paths,
         assert isinstance(app.screen, SettingsScreen)
         app.screen.query_one("#chat-max_tokens").value = "77"
         await pilot.press("ctrl+s")
+        await app.workers.wait_for_complete()
         await pilot.pause()
         assert not isinstance(app.screen, SettingsScreen)
         assert app.session.config.chat.max_tokens == 77

@@ -21,10 +21,10 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Input, ListView
 
-from floe_app.config import Config, FederationSettings, write_config
+from floe_app.config import Config
 from floe_app.errors import FloeError
 from floe_app.paths import assets_dir
-from floe_app.session import ChatSession, conversation_markdown
+from floe_app.session import ChatSession, SettingsApplied, conversation_markdown
 from floe_app.store import Store
 from floe_app.tui.screens.confirm import ConfirmScreen
 from floe_app.tui.screens.correct import CorrectionScreen
@@ -270,10 +270,9 @@ class FloeApp(App[None]):
             " This cannot be undone."), delete)
 
     def action_switch_mode(self) -> None:
-        if self.session.cloud_target() is None:
-            why = ("local-only is on" if self.session.config.privacy.local_only
-                   else "no cloud is configured")
-            self.notify(f"Only local replies: {why}. Settings (F2) change that.")
+        why_local = self.session.resolve_mode("fused")[1]
+        if why_local is not None:
+            self.notify(f"{why_local} Settings (F2) change that.")
             return
         modes = ["local", "fused", "cloud"]
         current = self.query_one(StatusBar).mode
@@ -386,36 +385,25 @@ class FloeApp(App[None]):
 
     def action_settings(self) -> None:
         def saved(config: Config | None) -> None:
-            if config is None:
-                return
-            model_changed = config.model != self.session.config.model
-            federation_before = self.session.config.federation
-            self.session.config = config
-            try:
-                path = write_config(self.paths, config)
-            except OSError as exc:
-                self.notify(f"Settings apply now but could not be saved: {exc.strerror}",
-                            severity="error")
-            else:
-                self.notify(f"Settings saved to {path}")
-            if model_changed:
-                self.load_model()
-            self.show_mode()
-            if config.federation.enabled != federation_before.enabled:
-                self.run_worker(lambda: self.apply_federation(federation_before), thread=True)
+            if config is not None:
+                self.apply_settings(config)
 
         self.push_screen(SettingsScreen(self.session.config, self.session.federation_lines(),
                                         self.session.test_cloud), saved)
 
-    def apply_federation(self, before: FederationSettings) -> None:
-        """Start or stop the sync service (a few seconds: off the UI thread)."""
-        try:
-            notice = self.session.federation_changed(before)
-        except FloeError as exc:
-            self.call_from_thread(self.notify, f"Federated sync: {exc}", severity="error")
-        else:
-            if notice:
-                self.call_from_thread(self.notify, notice)
+    @work(thread=True, group="settings")
+    def apply_settings(self, config: Config) -> None:
+        """Off the UI thread: opting in or out of federated rounds takes seconds."""
+        self.call_from_thread(self.show_settings_applied, self.session.apply_settings(config))
+
+    def show_settings_applied(self, applied: SettingsApplied) -> None:
+        for notice in applied.notices:
+            self.notify(notice)
+        for error in applied.errors:
+            self.notify(error, severity="error")
+        if applied.reload_model:
+            self.load_model()
+        self.show_mode()
 
     def action_help(self) -> None:
         keys = [(b.key_display or self.get_key_display(b), b.description)
