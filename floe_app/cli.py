@@ -427,17 +427,17 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_rate(args: argparse.Namespace) -> int:
-    session = open_session(args)
+    learning = open_session(args).learning
     if args.command == "rate":
-        session.rate(args.message_id, {"up": 1, "down": -1, "none": None}[args.rating])
+        learning.rate(args.message_id, {"up": 1, "down": -1, "none": None}[args.rating])
     else:
-        session.correct(args.message_id, " ".join(args.text))
-    print(f"Saved. {session.learning_line()}")
+        learning.correct(args.message_id, " ".join(args.text))
+    print(f"Saved. {learning.line()}")
     return 0
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
-    dataset = open_session(args).dataset()
+    dataset = open_session(args).learning.dataset()
     if args.json:
         print(json.dumps([vars(e) for e in dataset.examples], ensure_ascii=False))
         return 0
@@ -451,7 +451,7 @@ def cmd_examples(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     session = open_session(args)
     if args.status:
-        status = session.training_status()
+        status = session.learning.status()
         print(status.line() if status else "No training has run yet.")
         return 0
     if args.background:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,13 +36,10 @@ from floe_app.engine.redact import Redactor, Restorer, private_terms
 from floe_app.engine.sampling import Sampling, sampling_from_settings
 from floe_app.errors import FloeError, ModelError
 from floe_app.paths import Paths
-from floe_app.personalize.data import Dataset, build_dataset
+from floe_app.personalize.learning import Learning
 from floe_app.personalize.registry import Registry
 from floe_app.personalize.status import (
-    TrainingStatus,
-    read_status,
     replying,
-    start_background,
 )
 from floe_app.plugins import Plugins
 from floe_app.store import Conversation, Message, Store
@@ -178,12 +172,13 @@ class ChatSession:
         self.registry = Registry(store, self.paths.adapters_dir)
         self._adapter_synced = False
         self._refused_shared: set[int] = set()  # shared adapters that failed here
-        self._training: subprocess.Popen | None = None
         self.plugins = plugins
         # Text attached to a conversation by commands such as /attach: local model only.
         self.attachments: dict[int, list[str]] = {}
         self.config = config
         self.model_override = model_override
+        self.learning = Learning(store, self.registry, self.paths, lambda: self.config,
+                                 lambda new: self.apply_settings(new).errors, model_override)
         self.env = env  # None: the process environment (FLOE_CLOUD_*, the API key)
         # Facts about the user for the local model only; never sent to a cloud.
         self.private_context: list[str] = []
@@ -351,77 +346,11 @@ class ChatSession:
             notices.append(f"The shared adapter cannot be used: {exc}.")
             return personal, None
 
-    def rate(self, message_id: int, rating: int | None) -> None:
-        self._taught_reply(message_id)
-        self.store.rate_message(message_id, rating)
-
-    def correct(self, message_id: int, text: str) -> None:
-        self._taught_reply(message_id)
-        self.store.correct_message(message_id, text.strip() or None)
-
-    def _taught_reply(self, message_id: int) -> None:
-        message = self.store.message(message_id)
-        if message is None or message.role != "assistant":
-            raise FloeError(f"no reply with id {message_id}")
-
-    def forget_example(self, source: str, source_id: int) -> None:
-        """Stop learning from an example: a memory note is forgotten, a reply is kept in
-        its conversation but no longer learned from. The next version leaves it out."""
-        if source == "memory":
-            self.store.delete_memory(source_id)
-        else:
-            self.store.set_learn(source_id, False)
-
-    def set_learning_paused(self, paused: bool) -> None:
-        """Pause or resume learning, saved in the config file. Pausing also stops a running
-        job; it continues from its checkpoint once learning resumes."""
-        self.config.learning.paused = paused
-        write_config(self.paths, self.config)
-        status = self.training_status()
-        if paused and status is not None and status.running:
-            os.kill(status.pid, signal.SIGTERM)
-
-    def dataset(self) -> Dataset:
-        return build_dataset(self.store.memories(), self.store.taught_replies())
-
-    def training_due(self) -> bool:
-        """Automatic training would learn something new now."""
-        learning = self.config.learning
-        if learning.paused or not learning.auto:
-            return False
-        status = self.training_status()
-        if self._training is not None or (status is not None and status.running):
-            return False  # ours may not have written its status yet
-        dataset = self.dataset()
-        if status is not None and status.state == "failed" and \
-                status.fingerprint == dataset.fingerprint:
-            return False  # it failed on these very examples; floe train retries by hand
-        versions = self.store.adapters()
-        return bool(dataset.examples) and (
-            not versions or versions[-1].meta.get("fingerprint") != dataset.fingerprint)
-
-    def start_training(self) -> None:
-        """Train in a background process."""
-        self._training = start_background(self.paths.data_dir, self.model_override)
-
     def federation_lines(self) -> list[str]:
         """The sync service, rounds joined and privacy spent (settings screen)."""
         from floe_app.federated.service import sync_summary
 
         return sync_summary(self.paths).lines(self.config.federation.delta)
-
-    def training_status(self) -> TrainingStatus | None:
-        if self._training is not None and self._training.poll() is not None:
-            self._training = None  # reaped: its pid no longer looks alive
-        return read_status(self.paths.data_dir)
-
-    def learning_line(self) -> str:
-        status = self.training_status()
-        active = self.registry.active_version()
-        using = f"adapter v{active}" if active else "no adapter yet"
-        if self.config.learning.paused:
-            return f"Learning paused; using {using}."
-        return f"{status.line() if status else 'Not trained yet.'} Using {using}."
 
     # Settings
 

@@ -24,6 +24,7 @@ from floe_app.personalize.data import (
 )
 from floe_app.personalize.export import write_gguf_adapter
 from floe_app.personalize.job import gate_reasons
+from floe_app.personalize.learning import nothing_new
 from floe_app.personalize.registry import Registry
 from floe_app.personalize.status import (
     replying,
@@ -139,13 +140,13 @@ def test_forgetting_examples_from_the_session(session):
     conversation = session.store.create_conversation()
     session.store.add_message(conversation, "user", "Name a fruit")
     answer = session.store.add_message(conversation, "assistant", "Apple")
-    session.rate(answer, 1)
-    assert {e.source for e in session.dataset().examples} == {"memory", "accepted"}
-    session.forget_example("accepted", answer)
-    session.forget_example("memory", note)
-    assert session.dataset().examples == []
+    session.learning.rate(answer, 1)
+    assert {e.source for e in session.learning.dataset().examples} == {"memory", "accepted"}
+    session.learning.forget("accepted", answer)
+    session.learning.forget("memory", note)
+    assert session.learning.dataset().examples == []
     with pytest.raises(FloeError, match="no reply with id"):
-        session.rate(conversation * 1000, 1)
+        session.learning.rate(conversation * 1000, 1)
 
 
 # Tiers
@@ -418,10 +419,31 @@ def test_without_the_train_extra_training_explains_and_is_not_retried(
                         lambda name, *a: None if name == "torch" else real(name, *a))
     session.remember("My cat is Tom")
     config.learning.auto = True
-    assert session.training_due()
+    assert session.learning.due()
     with pytest.raises(FloeError, match=r"torch missing\): pipx install 'floe-assistant\[train\]'"):
         run_training(paths, config, bundled_model_path())
-    assert session.training_status().state == "failed"
-    assert not session.training_due()  # not again on the same examples...
+    assert session.learning.status().state == "failed"
+    assert not session.learning.due()  # not again on the same examples...
     session.remember("I live in Lisbon")
-    assert session.training_due()  # ...but after something new
+    assert session.learning.due()  # ...but after something new
+
+
+def test_the_chat_and_the_job_share_one_nothing_new_rule(session, paths, config, engine,
+                                                          tmp_path):
+    from floe_app.engine.local import bundled_model_path
+    from floe_app.personalize.job import run_training
+
+    session.remember("My cat is Tom")
+    config.learning.auto = True
+    dataset = session.learning.dataset()
+    assert not nothing_new(dataset, session.store.adapters()) and session.learning.due()
+    staged = random_adapter(tmp_path / "staged.gguf", engine, 1)
+    version = session.registry.register(staged, base_model=engine.base_identity,
+                                        status="promoted",
+                                        meta={"fingerprint": dataset.fingerprint})
+    assert nothing_new(dataset, session.store.adapters()) and not session.learning.due()
+    result = run_training(paths, config, bundled_model_path())  # before any torch import
+    assert result.state == "skipped"
+    assert result.message == f"Nothing new to learn since v{version.version}."
+    session.remember("I live in Lisbon")
+    assert session.learning.due()

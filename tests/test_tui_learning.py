@@ -8,7 +8,7 @@ from textual.app import App
 from textual.widgets import DataTable, Switch, TextArea
 
 from floe_app.config import load_config
-from floe_app.personalize.status import read_status
+from floe_app.personalize.status import TrainingStatus, read_status, write_status
 from floe_app.tui.screens.correct import CorrectionScreen
 from floe_app.tui.screens.learning import LearningScreen
 from floe_app.tui.widgets.chat import MessageView
@@ -40,8 +40,8 @@ async def test_thumbs_and_a_correction_on_the_last_reply(paths, config, tmp_path
         stored = app.store.message(reply.id)
         assert stored.correction == "A mango." and stored.content == reply.content
         assert "corrected" in str(view.query_one(".author").render())
-        assert [e.answer for e in app.session.dataset().by_source()["correction"]] == \
-            ["A mango."]
+        taught = app.session.learning.dataset().by_source()
+        assert [e.answer for e in taught["correction"]] == ["A mango."]
     # Reopened, the marks are still shown.
     app = make_app(paths, config, tmp_path)
     async with app.run_test(size=SIZE) as pilot:
@@ -62,26 +62,21 @@ class LearningHost(App):
     def __init__(self, session):
         super().__init__()
         self.session = session
-        self.trained = 0
 
     def on_mount(self):
-        self.push_screen(LearningScreen(self.session, self.train))
-
-    def train(self):
-        self.trained += 1
-        return "Training started in the background."
+        self.push_screen(LearningScreen(self.session.learning))
 
 
-async def test_learning_screen_lists_examples_by_source_and_forgets_them(session):
+async def test_learning_screen_lists_examples_by_source_and_forgets_them(session, paths):
     session.remember("My cat is Tom")
     store = session.store
     conversation = store.create_conversation()
     store.add_message(conversation, "user", "Name a fruit")
     accepted = store.add_message(conversation, "assistant", "Apple")
-    session.rate(accepted, 1)
+    session.learning.rate(accepted, 1)
     store.add_message(conversation, "user", "2+2?")
     wrong = store.add_message(conversation, "assistant", "5")
-    session.correct(wrong, "4")
+    session.learning.correct(wrong, "4")
     host = LearningHost(session)
     async with host.run_test(size=SIZE) as pilot:
         table = host.screen.query_one("#examples", DataTable)
@@ -92,14 +87,19 @@ async def test_learning_screen_lists_examples_by_source_and_forgets_them(session
         table.move_cursor(row=sources.index("accepted reply"))
         await pilot.press("delete")
         await pilot.pause()
-        assert {e.source for e in session.dataset().examples} == {"memory", "correction"}
+        examples = session.learning.dataset().examples
+        assert {e.source for e in examples} == {"memory", "correction"}
         table.move_cursor(row=0)
         await pilot.press("delete")  # a memory example: the note itself is forgotten
         await pilot.pause()
         assert store.memories() == []
         assert [table.get_row_at(i)[0] for i in range(table.row_count)] == ["correction"]
+        # A job already running (this process, as far as its status file says): T says so
+        # rather than starting a second one.
+        write_status(paths.data_dir, TrainingStatus("training", pid=os.getpid()))
         await pilot.press("t")
-        assert host.trained == 1
+        await pilot.pause()
+        assert "Training is already running." in [n.message for n in host._notifications]
 
 
 async def test_learning_switch_pauses_and_versions_are_used_and_rolled_back(

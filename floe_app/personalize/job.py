@@ -30,6 +30,7 @@ from floe_app.engine.sampling import Sampling
 from floe_app.errors import FloeError
 from floe_app.paths import Paths
 from floe_app.personalize.data import Dataset, build_dataset
+from floe_app.personalize.learning import nothing_new
 from floe_app.personalize.registry import Registry
 from floe_app.personalize.status import (
     TrainingStatus,
@@ -86,8 +87,7 @@ def run_training(paths: Paths, config: Config, model_path: Path, *, force: bool 
                                 " a thumbs up or a correction")
             status.fingerprint = dataset.fingerprint
             versions = store.adapters()
-            if not force and versions and versions[-1].meta.get("fingerprint") == \
-                    dataset.fingerprint:
+            if not force and nothing_new(dataset, versions):
                 message = f"Nothing new to learn since v{versions[-1].version}."
                 report(state="skipped", message=message)
                 return JobResult("skipped", message)

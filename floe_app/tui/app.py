@@ -296,22 +296,13 @@ class FloeApp(App[None]):
 
     @work(thread=True, exclusive=True, group="learning")
     def start_training_if_due(self) -> None:
-        if self.session.training_due():
-            self.session.start_training()
+        if self.session.learning.due():
+            self.session.learning.start()
             self.call_from_thread(self.notify, "Learning what you taught, in the background.")
-
-    def train_now(self) -> str:
-        if self.session.config.learning.paused:
-            return "Learning is paused: switch it on first."
-        status = self.session.training_status()
-        if status is not None and status.running:
-            return "Training is already running."
-        self.session.start_training()
-        return "Training started in the background."
 
     def show_learning(self) -> None:
         """Training progress in the status bar; a job's outcome, once, as a notification."""
-        status = self.session.training_status()
+        status = self.session.learning.status()
         self.query_one(StatusBar).learning = status.line() if status and status.running else ""
         finished = (status.updated_at if status and status.state in ("done", "failed")
                     else None)
@@ -326,7 +317,7 @@ class FloeApp(App[None]):
             self.notify("No reply to rate yet.")
             return
         view.rating = None if view.rating == rating else rating  # pressing again undoes it
-        self.session.rate(view.message_id, view.rating)
+        self.session.learning.rate(view.message_id, view.rating)
         view.refresh_heading()
         self.schedule_training()
 
@@ -341,7 +332,7 @@ class FloeApp(App[None]):
         def save(text: str | None) -> None:
             if text is None:
                 return
-            self.session.correct(view.message_id, text)
+            self.session.learning.correct(view.message_id, text)
             view.corrected = True
             view.refresh_heading()
             self.notify("Saved: Floe learns your version of this reply.")
@@ -350,7 +341,7 @@ class FloeApp(App[None]):
         self.push_screen(CorrectionScreen(message.correction or message.content), save)
 
     def action_learning(self) -> None:
-        self.push_screen(LearningScreen(self.session, self.train_now))
+        self.push_screen(LearningScreen(self.session.learning))
 
     def action_search_chats(self) -> None:
         self.query_one(Sidebar).search_box.focus()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label, Switch
 
 from floe_app.errors import FloeError
+from floe_app.personalize.learning import Learning
 from floe_app.personalize.registry import scores
-from floe_app.session import ChatSession
 
 SOURCE_NAMES = {"memory": "memory note", "accepted": "accepted reply",
                 "correction": "correction"}
@@ -26,16 +24,16 @@ class LearningScreen(ModalScreen[None]):
     BINDINGS = [("escape,ctrl+o", "dismiss", "Close"), ("delete,d", "forget", "Stop learning it"),
                 ("r", "rollback", "Roll back"), ("t", "train", "Train now")]
 
-    def __init__(self, session: ChatSession, train_now: Callable[[], str]) -> None:
+    def __init__(self, learning: Learning) -> None:
         super().__init__(classes="dialog-screen")
-        self.session = session
-        self.train_now = train_now
+        self.learning = learning
+        self.registry = learning.registry
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
             yield Label("Learning  (Esc to close)", classes="title")
             with Horizontal(classes="switch-row"):
-                yield Switch(not self.session.config.learning.paused, id="learn")
+                yield Switch(not self.learning.paused, id="learn")
                 yield Label("Learn from what I teach: notes, 👍 replies, corrections")
             yield Label("", id="learning-status")
             yield Label("Examples  (Del: stop learning from the selected one)",
@@ -53,16 +51,16 @@ class LearningScreen(ModalScreen[None]):
         self.refresh_tables()
 
     def refresh_tables(self) -> None:
-        self.query_one("#learning-status", Label).update(self.session.learning_line())
+        self.query_one("#learning-status", Label).update(self.learning.line())
         examples = self.query_one("#examples", DataTable)
         examples.clear()
-        for i, e in enumerate(self.session.dataset().examples):
+        for i, e in enumerate(self.learning.dataset().examples):
             examples.add_row(SOURCE_NAMES[e.source], _short(e.prompt, 40), _short(e.answer),
                              key=f"{e.source}:{e.source_id}:{i}")
         adapters = self.query_one("#adapters", DataTable)
         adapters.clear()
-        active = self.session.registry.active_version()
-        for row in reversed(self.session.registry.versions()):
+        active = self.registry.active_version()
+        for row in reversed(self.registry.versions()):
             recall, rise = scores(row)
             adapters.add_row("*" if row.version == active else "", f"v{row.version}",
                              row.status, row.meta.get("tier", "?"), recall, rise,
@@ -71,9 +69,13 @@ class LearningScreen(ModalScreen[None]):
                          key="0")
 
     def on_switch_changed(self, event: Switch.Changed) -> None:
-        self.session.set_learning_paused(not event.value)
-        self.notify("Learning resumed." if event.value else
-                    "Learning paused: nothing new is trained; the active adapter stays.")
+        try:
+            self.learning.set_paused(not event.value)
+        except FloeError as exc:
+            self.notify(f"Applies now but could not be saved: {exc}", severity="error")
+        else:
+            self.notify("Learning resumed." if event.value else
+                        "Learning paused: nothing new is trained; the active adapter stays.")
         self.refresh_tables()
 
     def action_forget(self) -> None:
@@ -82,7 +84,7 @@ class LearningScreen(ModalScreen[None]):
             return
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value or ""
         source, source_id, _ = key.split(":")
-        self.session.forget_example(source, int(source_id))
+        self.learning.forget(source, int(source_id))
         what = "Forgot the memory note" if source == "memory" else "Floe stops learning from it"
         self.notify(f"{what}; the next adapter version leaves it out.")
         self.refresh_tables()
@@ -92,7 +94,7 @@ class LearningScreen(ModalScreen[None]):
             return
         version = int(event.row_key.value or 0)
         try:
-            self.session.registry.use(version)
+            self.registry.use(version)
         except FloeError as exc:
             self.notify(str(exc), severity="error")
         else:
@@ -102,7 +104,7 @@ class LearningScreen(ModalScreen[None]):
 
     def action_rollback(self) -> None:
         try:
-            version = self.session.registry.rollback()
+            version = self.registry.rollback()
         except FloeError as exc:
             self.notify(str(exc), severity="warning")
         else:
@@ -110,5 +112,5 @@ class LearningScreen(ModalScreen[None]):
         self.refresh_tables()
 
     def action_train(self) -> None:
-        self.notify(self.train_now())
+        self.notify(self.learning.train_now())
         self.refresh_tables()
