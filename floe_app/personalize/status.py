@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,6 +88,19 @@ def someone_replying(data_dir: Path) -> bool:
     except OSError:
         return False
     return any(name.isdigit() and pid_alive(int(name)) for name in names)
+
+
+def wait_for_the_user(data_dir: Path, waiting: Callable[[bool], None] | None = None) -> None:
+    """Block while a reply is being generated (training waits between its steps);
+    `waiting(True)` is called before a wait, `waiting(False)` after it."""
+    if not someone_replying(data_dir):
+        return
+    if waiting is not None:
+        waiting(True)
+    while someone_replying(data_dir):
+        time.sleep(0.2)
+    if waiting is not None:
+        waiting(False)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from floe_app.config import LearningSettings
 from floe_app.engine.hardware import cpu_info
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -70,6 +71,12 @@ def choose_tier(hw: Hardware, requested: str = "auto", threads: int = 0) -> tupl
     tier's) caps the CPU threads training uses."""
     tier, why = _choose(hw, requested)
     return (dataclasses.replace(tier, threads=threads) if threads else tier), why
+
+
+def tier_for(learning: LearningSettings, requested: str | None = None) -> tuple[Tier, str]:
+    """The tier this computer trains at under the learning settings, and why; `requested`
+    (floe train --tier) overrides learning.tier."""
+    return choose_tier(probe(), requested or learning.tier, learning.threads)
 
 
 def _choose(hw: Hardware, requested: str) -> tuple[Tier, str]:

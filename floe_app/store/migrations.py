@@ -155,6 +155,8 @@ MIGRATIONS: list[tuple[str, Migration]] = [
 def apply_migrations(db: Database,
                      migrations: list[tuple[str, Migration]] = MIGRATIONS) -> list[str]:
     """Apply the migrations not yet recorded; returns the names applied now."""
+    from floe_app.store.db import now_iso  # (db imports this module)
+
     table = db["_migrations"]
     if not table.exists():
         table.create({"name": str, "applied_at": str}, pk="name")
@@ -165,12 +167,7 @@ def apply_migrations(db: Database,
             continue
         with db.conn:
             migrate(db)
-            table.insert({"name": name, "applied_at": _now()})
+            table.insert({"name": name, "applied_at": now_iso()})
         applied.append(name)
     return applied
 
-
-def _now() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
