@@ -27,6 +27,13 @@ def _rule(allowed: str, check: Callable[[Any], bool], doc: str) -> dict[str, Any
     return {"allowed": allowed, "check": check, "doc": doc}
 
 
+def _choice(choices: tuple[str, ...], doc: str) -> dict[str, Any]:
+    """A key whose value is one of `choices` (the settings screen offers them in a list)."""
+    quoted = [f'"{c}"' for c in choices]
+    allowed = f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return {**_rule(allowed, lambda v: v in choices, doc), "choices": choices}
+
+
 @dataclass
 class ModelSettings:
     path: str = field(
@@ -128,9 +135,8 @@ class ChatSettings:
     )
     mode: str = field(
         default="auto",
-        metadata=_rule('"auto", "local", "cloud" or "fused"',
-                       lambda v: v in ("auto", "local", "cloud", "fused"),
-                       "default reply mode; auto is fused when a cloud is set, else local"),
+        metadata=_choice(("auto", "local", "cloud", "fused"),
+                         "default reply mode; auto is fused when a cloud is set, else local"),
     )
 
 
@@ -160,32 +166,27 @@ class CloudSettings:
     )
     provider: str = field(
         default="auto",
-        metadata=_rule(
-            '"auto" or one of ' + ", ".join(f'"{p}"' for p in PROVIDERS),
-            lambda v: v == "auto" or v in PROVIDERS,
-            "what serves the cloud: auto probes it once (floe cloud probe), a name uses"
-            " that server's documented behaviour"),
+        metadata=_choice(("auto", *PROVIDERS),
+                         "what serves the cloud: auto probes it once (floe cloud probe), a"
+                         " name uses that server's documented behaviour"),
     )
     endpoint: str = field(
         default="auto",
-        metadata=_rule('"auto", "chat" or "completions"',
-                       lambda v: v in ("auto", "chat", "completions"),
-                       "stream from /v1/chat/completions or /v1/completions (auto: the"
-                       " provider's or the probe's choice)"),
+        metadata=_choice(("auto", "chat", "completions"),
+                           "stream from /v1/chat/completions or /v1/completions (auto: the"
+                         " provider's or the probe's choice)"),
     )
     continuation: str = field(
         default="auto",
-        metadata=_rule('"auto", "prefill", "continue_final", "raw_prompt" or "none"',
-                       lambda v: v in ("auto", *CONTINUATIONS),
-                       "how the cloud continues a partial reply: chat prefill, vLLM's"
-                       " continue_final_message, a raw completions prompt, or not at all"),
+        metadata=_choice(("auto", *CONTINUATIONS),
+                         "how the cloud continues a partial reply: chat prefill, vLLM's"
+                         " continue_final_message, a raw completions prompt, or not at all"),
     )
     prompt_format: str = field(
         default="auto",
-        metadata=_rule('"auto", "chatml", "gemma", "llama3" or "transcript"',
-                       lambda v: v in ("auto", *PROMPT_FORMATS),
-                       "the cloud model's chat template for raw completions prompts (auto:"
-                       " from the model name; transcript for base models)"),
+        metadata=_choice(("auto", *PROMPT_FORMATS),
+                         "the cloud model's chat template for raw completions prompts (auto:"
+                         " from the model name; transcript for base models)"),
     )
     api_key_env: str = field(
         default="OPENAI_API_KEY",
@@ -224,8 +225,8 @@ class FusionSettings:
     )
     form: str = field(
         default="log_linear",
-        metadata=_rule('"log_linear" or "proxy"', lambda v: v in ("log_linear", "proxy"),
-                       "how distributions combine: weighted log-linear, or proxy-tuning"),
+        metadata=_choice(("log_linear", "proxy"),
+                         "how distributions combine: weighted log-linear, or proxy-tuning"),
     )
     lambda_min: float = field(
         default=0.3,
@@ -297,8 +298,8 @@ class LearningSettings:
     )
     tier: str = field(
         default="auto",
-        metadata=_rule('"auto", "small", "medium" or "large"', lambda v: v in TIER_NAMES,
-                       "training size: auto picks from this computer's cores, memory and power"),
+        metadata=_choice(TIER_NAMES, "training size: auto picks from this computer's cores,"
+                         " memory and power"),
     )
     threads: int = field(
         default=0,
@@ -336,11 +337,10 @@ class FederationSettings:
     )
     require: str = field(
         default="any",
-        metadata=_rule("any, formal_dp, local_dp or secure_aggregation",
-                       lambda v: v in ("any", "formal_dp", "local_dp", "secure_aggregation"),
-                       "which federations this device takes part in: any; only with a formal"
-                       " DP guarantee; only with noise added on this device; only where the"
-                       " operator sees just the sum (none yet)"),
+        metadata=_choice(("any", "formal_dp", "local_dp", "secure_aggregation"),
+                         "which federations this device takes part in: any; only with a"
+                         " formal DP guarantee; only with noise added on this device; only"
+                         " where the operator sees just the sum (none yet)"),
     )
     min_noise_multiplier: float = field(
         default=0.0,
@@ -392,6 +392,7 @@ class SettingSpec:
     allowed: str
     check: Callable[[Any], bool]
     doc: str
+    choices: tuple[str, ...] = ()  # for a key whose value is one of a few names
 
     @property
     def key(self) -> str:
@@ -417,7 +418,7 @@ def setting_specs() -> list[SettingSpec]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             specs.append(SettingSpec(section.name, f.name, type(default), default,
                                      f.metadata["allowed"], f.metadata["check"],
-                                     f.metadata["doc"]))
+                                     f.metadata["doc"], f.metadata.get("choices", ())))
     return specs
 
 

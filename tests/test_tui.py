@@ -6,14 +6,12 @@ import pytest
 from textual import events
 from textual.app import App
 
-from floe_app.config import Config, load_config
 from floe_app.session import ChatSession
 from floe_app.store import Store
 from floe_app.tui.app import FloeApp
 from floe_app.tui.screens.confirm import ConfirmScreen
 from floe_app.tui.screens.help import HelpScreen
 from floe_app.tui.screens.rename import RenameScreen
-from floe_app.tui.screens.settings import SettingsScreen
 from floe_app.tui.widgets.chat import MessageView
 from floe_app.tui.widgets.prompt import PromptInput
 from floe_app.tui.widgets.sidebar import ConversationItem
@@ -264,62 +262,6 @@ async def test_help_lists_every_key_and_palette_has_every_action(paths, config, 
         assert {b.description for b in FloeApp.BINDINGS} <= titles
 
 
-async def test_settings_saved_from_the_app_reach_the_file_and_the_session(paths, config,
-                                                                          tmp_path):
-    app = make_app(paths, config, tmp_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f2")
-        assert isinstance(app.screen, SettingsScreen)
-        app.screen.query_one("#chat-max_tokens").value = "77"
-        await pilot.press("ctrl+s")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        assert not isinstance(app.screen, SettingsScreen)
-        assert app.session.config.chat.max_tokens == 77
-        assert load_config(paths)[0].chat.max_tokens == 77
-
-
-class SettingsHost(App):
-    """A tiny app that opens only the settings screen."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.result = "unset"
-
-    def on_mount(self):
-        self.push_screen(SettingsScreen(self.config), lambda r: setattr(self, "result", r))
-
-
-async def test_settings_screen_refuses_bad_values_and_names_what_is_allowed():
-    host = SettingsHost(Config())
-    async with host.run_test(size=SIZE) as pilot:
-        screen = host.screen
-        screen.query_one("#chat-temperature").value = "very hot"
-        await pilot.press("ctrl+s")
-        await pilot.pause()
-        assert host.screen is screen and host.result == "unset"
-        error = str(screen.query_one("#error").render())
-        assert "chat.temperature: expected a number from 0 to 2" in error
-        screen.query_one("#chat-temperature").value = "0.3"
-        screen.query_one("#model-threads").value = "3"
-        system = screen.query_one("#chat-system_prompt")
-        system.text = "Answer like a pirate."
-        await pilot.press("ctrl+s")
-        await pilot.pause()
-    assert host.result.chat.temperature == 0.3 and host.result.model.threads == 3
-    assert host.result.chat.system_prompt == "Answer like a pirate."
-
-
-async def test_settings_screen_cancel_changes_nothing():
-    host = SettingsHost(Config())
-    async with host.run_test(size=SIZE) as pilot:
-        host.screen.query_one("#chat-max_tokens").value = "5"
-        await pilot.press("escape")
-        await pilot.pause()
-    assert host.result is None
-
-
 @pytest.mark.slow
 async def test_fused_chat_in_the_tui_with_mode_switch_and_ledger(paths, cloud_config, tmp_path):
     from floe_app.tui.screens.ledger import LedgerScreen
@@ -356,50 +298,6 @@ async def test_mode_switch_without_a_cloud_explains_why(paths, config, tmp_path)
         await pilot.press("ctrl+l")
         await pilot.pause()
         assert app.screen.query_one("#empty")
-
-
-async def test_settings_parse_switches_and_lists():
-    host = SettingsHost(Config())
-    async with host.run_test(size=SIZE) as pilot:
-        host.screen.query_one("#privacy-local_only").value = "maybe"
-        await pilot.press("ctrl+s")
-        await pilot.pause()
-        assert "privacy.local_only: expected true or false" in str(
-            host.screen.query_one("#error").render())
-        host.screen.query_one("#privacy-local_only").value = "true"
-        host.screen.query_one("#privacy-redact_terms").value = "Biscotti, Ada Lovelace ,"
-        host.screen.query_one("#cloud-base_url").value = "http://127.0.0.1:9/v1"
-        await pilot.press("ctrl+s")
-        await pilot.pause()
-    assert host.result.privacy.local_only is True
-    assert host.result.privacy.redact_terms == ["Biscotti", "Ada Lovelace"]
-    assert host.result.cloud.base_url == "http://127.0.0.1:9/v1"
-
-
-async def test_opting_in_and_out_of_federated_rounds_in_settings(paths, config, tmp_path):
-    app = make_app(paths, config, tmp_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f2")
-        status = str(app.screen.query_one("#federation-status").render())
-        assert "Sync: not running" in status and "epsilon 0.00 at delta 1e-05" in status
-        assert "Privacy: no federation round received yet" in status  # then its paragraph
-        assert app.screen.query_one("#federation-require").value == "any"
-        app.screen.query_one("#federation-enabled").value = "true"
-        app.screen.query_one("#federation-address").value = "federation.example.org:9092"
-        await pilot.press("ctrl+s")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        # Saved, but the service refuses a remote federation without TLS, and says so.
-        assert load_config(paths)[0].federation.enabled
-        assert any("Federated sync:" in n.message and "TLS certificate" in n.message
-                   for n in app._notifications)
-        await pilot.press("f2")
-        app.screen.query_one("#federation-enabled").value = "false"
-        await pilot.press("ctrl+s")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        assert not load_config(paths)[0].federation.enabled
-        assert any("nothing more is uploaded" in n.message for n in app._notifications)
 
 
 async def test_streamed_text_reaches_the_view_a_frame_at_a_time(monkeypatch):

@@ -7,6 +7,7 @@ from floe_app.config import Config
 from floe_app.session import ChatSession
 from floe_app.tui.screens.settings import SettingsScreen
 from tests.support.cloud_server import free_port
+from tests.test_tui_settings import click, open_tab, type_into
 
 
 class CloudSettingsHost(App):
@@ -24,9 +25,10 @@ async def test_test_connection_probes_what_the_fields_say(store, paths):
     async with host.run_test(size=(120, 60)) as pilot:
         screen = host.screen
         status = screen.query_one("#cloud-status")
-        screen.query_one("#cloud-base_url").value = f"http://127.0.0.1:{free_port()}/v1"
-        screen.query_one("#cloud-model").value = "some-model"
-        screen.query_one("#test-cloud").press()
+        await open_tab(pilot, "Cloud")
+        await type_into(pilot, "#cloud-base_url", f"http://127.0.0.1:{free_port()}/v1")
+        await type_into(pilot, "#cloud-model", "some-model")
+        await click(pilot, "#test-cloud")
         for _ in range(100):
             await pilot.pause(0.05)
             if "Cannot use" in str(status.render()):
@@ -35,7 +37,6 @@ async def test_test_connection_probes_what_the_fields_say(store, paths):
         assert line.startswith("Cannot use this cloud:") and "could not be reached" in line
         assert "\n" not in line
         assert session.config.cloud.base_url == ""  # nothing saved by testing
-        screen.query_one("#cloud-base_url").value = "not a url"
-        screen.query_one("#test-cloud").press()
-        await pilot.pause()
-        assert "cloud.base_url: expected" in str(screen.query_one("#error").render())
+        await type_into(pilot, "#cloud-base_url", "not a url")
+        await click(pilot, "#test-cloud")
+        assert "cloud.base_url: expected" in str(screen.query_one("#cloud-base_url-error").render())
