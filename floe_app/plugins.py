@@ -3,6 +3,7 @@
 Each plugin is loaded on its own and every call into it runs with a time limit: a plugin
 that fails to import, raises or hangs is reported in one line and disabled, and Floe goes
 on without it. FLOE_PLUGINS=name,name loads only those; FLOE_PLUGINS= (empty) loads none.
+The built-in commands (default_plugins/) are registered whatever FLOE_PLUGINS says.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import pluggy
 
 from floe_app import hookspecs
+from floe_app.default_plugins import memory_commands
 from floe_app.errors import FloeError, one_line
 
 ENTRY_POINT_GROUP = "floe"
@@ -85,6 +87,8 @@ class Plugins:
         self.infos: dict[str, PluginInfo] = {}
         self.problems: list[str] = []
         self._commands: dict[str, Command] | None = None
+        # The built-in commands first, whatever FLOE_PLUGINS says.
+        self.manager.register(memory_commands, name=memory_commands.NAME)
         allowed = allowed_plugins(dict(os.environ) if env is None else env)
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             if allowed is not None and entry.name not in allowed:
@@ -103,7 +107,8 @@ class Plugins:
         info.hooks = sorted(caller.name for caller in self.manager.get_hookcallers(module) or [])
 
     def _disable(self, name: str, reason: str) -> None:
-        self.infos[name].error = reason
+        if name in self.infos:  # (the built-in plugin has no entry point)
+            self.infos[name].error = reason
         self.problems.append(f"plugin {name} {reason}; it is disabled")
         if self.manager.get_plugin(name) is not None:
             self.manager.unregister(name=name)
@@ -135,6 +140,8 @@ class Plugins:
         command = self.commands().get(name)
         if command is None:
             raise FloeError(f"no command /{name}; /help lists them")
+        if command.plugin == memory_commands.NAME:  # Floe's own: no thread, no time limit
+            return command.function(args, context)
         try:
             result = call_with_timeout(lambda: command.function(args, context), self.timeout_s)
         except FloeError:

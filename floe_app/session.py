@@ -41,7 +41,7 @@ from floe_app.personalize.registry import Registry
 from floe_app.personalize.status import (
     replying,
 )
-from floe_app.plugins import Plugins
+from floe_app.plugins import Command, Plugins
 from floe_app.store import Conversation, Message, Store
 from floe_app.store.db import AdapterRow
 
@@ -268,29 +268,16 @@ class ChatSession:
                 "content": f"{public['content']}\n\nWhat you know (private):\n{listed}"}
 
     def run_command(self, conversation_id: int | None, text: str) -> str:
-        """Run `/name args` from a plugin (or /help); returns the text to show."""
+        """Run `/name args`, a built-in command or a plugin's; returns the text to show."""
         name, _, args = text.strip().removeprefix("/").partition(" ")
-        if name in BUILTIN_COMMANDS:
-            return self._builtin_command(name, args.strip())
-        commands = self.plugins.commands() if self.plugins else {}
-        if name in ("", "help"):
-            helps = {**BUILTIN_COMMANDS, **{c.name: c.help for c in commands.values()}}
-            return "\n".join(f"/{name}: {text}" for name, text in helps.items())
-        if self.plugins is None:
+        name = name or "help"
+        # Until the chat has loaded the plugins (in the background), the built-in ones answer.
+        plugins = self.plugins if self.plugins is not None else Plugins(env={"FLOE_PLUGINS": ""})
+        commands = plugins.commands()
+        if self.plugins is None and name not in commands:
             raise FloeError(f"no command /{name}: plugins are not loaded")
-        return self.plugins.run_command(name, args.strip(), CommandContext(self, conversation_id))
-
-    def _builtin_command(self, name: str, args: str) -> str:
-        if name == "remember":
-            note_id = self.remember(args)
-            return (f"Remembered (note {note_id}). The local model knows it from now on; a"
-                    " cloud never sees it. /memories lists notes, /forget N removes one.")
-        if name == "forget":
-            if not args.isdigit() or not self.store.delete_memory(int(args)):
-                raise FloeError(f"no memory note {args or '?'}: /memories lists them")
-            return f"Forgot note {args}."
-        notes = self.store.memories()
-        return "\n".join(f"{i}. {t}" for i, t in notes) or "No memory notes yet."
+        return plugins.run_command(name, args.strip(),
+                                   CommandContext(self, conversation_id, commands))
 
     # Learning
 
@@ -656,9 +643,6 @@ class ChatSession:
 
 
 MEMORY_MAX_CHARS = 2_000
-BUILTIN_COMMANDS = {"remember": "remember a fact about you: /remember TEXT",
-                    "memories": "list what Floe remembers",
-                    "forget": "forget a memory note: /forget N"}
 
 
 @dataclass
@@ -667,6 +651,7 @@ class CommandContext:
 
     session: ChatSession
     conversation_id: int | None
+    commands: dict[str, Command]  # every command there is (for /help)
 
     def attach(self, label: str, text: str) -> None:
         """Give text to the local model (never to a cloud) for the rest of this chat."""

@@ -103,6 +103,24 @@ def test_floe_plugins_limits_what_loads(plugin_dir):
     assert Plugins(env={"FLOE_PLUGINS": ""}).infos == {}
 
 
+def test_the_built_in_commands_are_a_plugin_loaded_whatever_floe_plugins_says(plugin_dir,
+                                                                               tmp_path):
+    none = Plugins(env={"FLOE_PLUGINS": ""})
+    assert set(none.commands()) == {"remember", "memories", "forget", "help"}
+    assert none.infos == {}  # not an installed plugin: floe plugins list leaves it out
+    session = ChatSession(Store(tmp_path / "floe.db"), Config(),
+                          plugins=Plugins(env={"FLOE_PLUGINS": "good"}))
+    assert session.run_command(None, "/remember I like tea").startswith("Remembered (note 1)")
+    assert session.run_command(None, "/memories") == "1. I like tea"
+    listed = session.run_command(None, "/help").splitlines()
+    assert listed[:4] == ["/remember: remember a fact about you: /remember TEXT",
+                          "/memories: list what Floe remembers",
+                          "/forget: forget a memory note: /forget N",
+                          "/help: list every command"]
+    assert any(line.startswith("/echo: ") for line in listed[4:])
+    assert session.run_command(None, "/") == session.run_command(None, "/help")
+
+
 def test_plugin_redaction_rules_and_context_reach_the_right_places(plugin_dir, tmp_path,
                                                                      engine):
     plugins = Plugins(env={"FLOE_PLUGINS": "good"})
