@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync_status = sync_commands.add_parser("status", help="service, rounds, privacy spent")
     sync_status.add_argument("--json", action="store_true")
     sync_commands.add_parser("run", help="run the service in the foreground (systemd, launchd)")
+    sync_commands.add_parser("key", help="this device's key for federations that authenticate"
+                             " devices (created once; the operator registers its .pub file)")
 
     federation = commands.add_parser("federation", help="run a federation (operators)")
     federation_commands = federation.add_subparsers(dest="federation_command",
@@ -175,9 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ssl-keyfile", default="")
     serve.add_argument("--ssl-ca-certfile", default="")
     serve.add_argument("--supernode-auth", action="store_true",
-                       help="only registered devices may join (flwr supernode register)")
+                       help="only registered devices may join (floe federation register)")
     serve.add_argument("--keep", action="store_true",
                        help="keep the SuperLink running after the run")
+    register = federation_commands.add_parser(
+        "register", help="let a device join a serve --supernode-auth federation (its key)")
+    register.add_argument("public_key", type=Path, metavar="KEY.pub")
+    register.add_argument("--state-dir", type=Path, help="as given to serve")
+    register.add_argument("--name", default="", help="a name for the device")
 
     doctor = commands.add_parser("doctor", help="check the model, the CPU, paths and versions")
     doctor.add_argument("--json", action="store_true")
@@ -532,6 +539,19 @@ def cmd_sync(args: argparse.Namespace) -> int:
         return 0
     if args.sync_command == "status":
         return print_sync_status(paths, config, args.json)
+    if args.sync_command == "key":
+        from floe_app.config import write_config
+
+        private, public = service.make_node_key(paths)
+        if not config.federation.node_key:
+            config.federation.node_key = str(private)
+            write_config(paths, config)
+        elif Path(config.federation.node_key).expanduser() != private:
+            print(f"floe: note: federation.node_key is {config.federation.node_key}, not this"
+                  " key: change it in settings to use this one", file=sys.stderr)
+        print(f"This device's key: {private}. Send {public} to the federation's operator"
+              " (floe federation register).")
+        return 0
     tier, _ = tier_for(config.learning)
     if args.sync_command == "run":
         print(f"floe sync run: {service.run_sync(paths, config, tier.rank)}", file=sys.stderr)
@@ -553,7 +573,7 @@ def print_sync_status(paths: Paths, config: Config, as_json: bool) -> int:
                           "address": state and state.address, "rank": state and state.rank,
                           "uploads": summary.uploads, "epsilon": summary.epsilon,
                           "delta": config.federation.delta, "rounds": summary.rounds,
-                          "shared": summary.shared,
+                          "shared": summary.shared, "stopped": summary.stopped,
                           "privacy": summary.statement(),
                           "policy": summary.policy[1].to_json() if summary.policy else None}))
         return 0
@@ -565,6 +585,11 @@ def cmd_federation(args: argparse.Namespace) -> int:
     from floe_app.federated import service
 
     paths, _, _ = load_settings()
+    if args.federation_command == "register":
+        state_dir = (args.state_dir or paths.data_dir / "federation").expanduser().resolve()
+        node = service.register_device(state_dir, args.public_key.expanduser(), args.name)
+        print(f"Registered {args.public_key} as node {node}: that device may join now.")
+        return 0
     options = service.ServeOptions(
         state_dir=(args.state_dir or paths.data_dir / "federation").expanduser().resolve(),
         run_config={"rounds": args.rounds, "rank": args.rank, "clip-norm": args.clip_norm,
@@ -581,6 +606,10 @@ def cmd_federation(args: argparse.Namespace) -> int:
         from floe_app.federated.privacy import NO_SECURE_AGGREGATION
 
         print(f"floe: --privacy distributed: {NO_SECURE_AGGREGATION}", file=sys.stderr)
+        return 2
+    problem = service.superlink_problem(options)
+    if problem is not None:
+        print(f"floe: {problem}", file=sys.stderr)
         return 2
     if options.host not in service.LOOPBACK and not options.ssl_certfile:
         print("floe: warning: serving beyond this machine without TLS (--ssl-certfile):"

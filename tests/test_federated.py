@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +286,7 @@ def test_sync_refuses_what_would_expose_updates(paths, config):
     assert "--auth-supernode-private-key" in command
     assert "rank=8" in command[command.index("--node-config") + 1]
     config.federation.address, config.federation.root_certificates = "127.0.0.1:9092", ""
+    config.federation.node_key = ""  # (a device key needs TLS: the next test)
     assert "--insecure" in service.supernode_command(paths, config, 4, 9999)
 
 
@@ -295,6 +300,66 @@ def test_sync_status_when_nothing_ran(paths, capsys):
     assert "not running" in capsys.readouterr().out
     assert main(["sync", "start"]) == 1
     assert "opt in first" in capsys.readouterr().err
+
+
+def test_a_killed_service_its_parent_has_not_reaped_is_not_running():
+    """After kill -9 the sync service is a zombie until init reaps it (1.5 s on some
+    machines): `floe sync start` must not take it for a running one."""
+    from floe_app.store.db import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_alive(child.pid)
+        child.kill()
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 10
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # killed, not reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
+
+
+def test_device_keys_need_tls_and_serve_says_what_flower_would_refuse(paths, config):
+    config.federation.enabled = True
+    config.federation.address = "127.0.0.1:9092"
+    config.federation.node_key = "~/node_key"
+    with pytest.raises(FloeError, match="node_key needs TLS"):
+        service.supernode_command(paths, config, 4, 9999)
+    options = service.ServeOptions(paths.data_dir / "federation", {}, supernode_auth=True)
+    assert "--supernode-auth needs TLS" in service.superlink_problem(options)
+    options.ssl_certfile = "server.pem"
+    assert "all three" in service.superlink_problem(options)
+    options.ssl_keyfile, options.ssl_ca_certfile = "server.key", "ca.pem"
+    assert service.superlink_problem(options) is None
+    with pytest.raises(FloeError, match="no federation served from"):
+        service.register_device(paths.data_dir / "federation", Path("key.pub"))
+
+
+def test_a_device_key_is_private_and_in_the_form_flower_reads(paths, capsys):
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    from floe_app.cli import main
+    from floe_app.config import load_config
+
+    previous = os.umask(0)  # whatever the umask, the private key is the user's alone
+    try:
+        private, public = service.make_node_key(paths)
+    finally:
+        os.umask(previous)
+    assert private.stat().st_mode & 0o777 == 0o600
+    key = load_ssh_private_key(private.read_bytes(), None)  # as flower-supernode loads it
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == \
+        key.public_key().public_numbers()  # as flwr supernode register loads it
+    made = private.read_bytes()
+    assert main(["sync", "key"]) == 0  # created once: the registered key stays valid
+    assert private.read_bytes() == made
+    assert load_config(paths)[0].federation.node_key == str(private)
+    assert str(public) in capsys.readouterr().out
 
 
 def test_private_conversations_from_the_command_line(paths, store, config, capsys):

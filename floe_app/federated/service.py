@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -118,9 +119,88 @@ def supernode_command(paths: Paths, config: Config, rank: int, port: int) -> lis
         raise FloeError(f"{federation.address} is not on this machine: set"
                         " federation.root_certificates (the federation's TLS certificate)")
     if federation.node_key:
+        if not federation.root_certificates:
+            # Flower signs with the key only over TLS (its SuperNode exits with code 303).
+            raise FloeError("federation.node_key needs TLS: set federation.root_certificates"
+                            " (the federation's CA certificate) too")
         command += ["--auth-supernode-private-key",
                     str(Path(federation.node_key).expanduser())]
     return command
+
+
+# What the SuperNode writes to sync.log when it gives up (flwr_exit): "Exit Code: N", then
+# Flower's explanation. Read back to say, in one line, why a device is not taking part.
+SUPERNODE_STARTED = "Starting Flower SuperNode"
+CONNECTED = "SuperNode ID:"
+ACTIVATION_REFUSED = "[code: 2004]"  # FLEET_NODE_ACTIVATION_FAILED, HTTP 412
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def exit_reason(log_text: str) -> str | None:
+    """One line on why the SuperNode whose output is `log_text` stopped, or None if it
+    did not stop on its own."""
+    text = _ANSI.sub("", log_text)
+    if "Exit Code:" not in text:
+        return None
+    # (`or [""]`: a log read while Flower is still writing it may end at "Exit Code:")
+    code, *rest = [line.strip() for line in text.rsplit("Exit Code:", 1)[1].splitlines()] \
+        or [""]
+    detail = " ".join(line for line in rest[:3] if line)
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        why = re.search(r"certificate verify failed: ([^(]+)", detail)
+        return ("this device refused to connect: the federation's TLS certificate does not"
+                " verify against federation.root_certificates"
+                + (f" ({why.group(1).strip()})" if why else ""))
+    if ACTIVATION_REFUSED in detail:
+        # The SuperLink gives one public reason for both (its own log tells them apart).
+        return ("the federation refused this device's key (federation.node_key): it is not"
+                " registered there (the operator registers its .pub file with floe federation"
+                " register), or this device was connected under it less than a minute ago")
+    if code == "302":  # SUPERNODE_NODE_AUTH_KEY_INVALID
+        return ("federation.node_key is not a key Flower can read (an EC private key in"
+                " OpenSSH form: floe sync key makes one)")
+    return f"the SuperNode stopped (Flower exit code {code}: {' '.join(rest[:2]).strip()})"
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def sync_stopped(paths: Paths) -> str | None:
+    """Why the last sync service stopped on its own (its sync.log), or None."""
+    log = paths.data_dir / "sync.log"
+    try:
+        size = log.stat().st_size
+    except OSError:
+        return None
+    last = _read_from(log, max(0, size - 65536)).rsplit(SUPERNODE_STARTED, 1)[-1]
+    return exit_reason(last)
+
+
+def make_node_key(paths: Paths) -> tuple[Path, Path]:
+    """This device's key for federations that authenticate devices (created once): an
+    ECDSA P-384 key in OpenSSH format, the form Flower's SuperNode reads, and its public
+    half, which the operator registers. Returns (private key, public key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private, public = paths.config_dir / "node_key", paths.config_dir / "node_key.pub"
+    if not private.exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        # O_EXCL and 0600 at creation: the key is never readable by others, whatever the umask.
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+        public.write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public
 
 
 def sync_state(paths: Paths) -> SyncState | None:
@@ -143,6 +223,7 @@ class SyncSummary:
     rounds: list[dict]
     shared: dict | None
     policy: tuple[str, Any] | None = None  # (federation, privacy.Policy) last received
+    stopped: str | None = None  # why the service stopped on its own (sync_stopped)
 
     @property
     def uploads(self) -> int:
@@ -173,7 +254,8 @@ class SyncSummary:
     def lines(self, delta: float) -> list[str]:
         state = self.state
         lines = [f"Sync: running (pid {state.pid}), {state.address}, rank {state.rank}"
-                 if state else "Sync: not running (floe sync start)",
+                 if state else f"Sync: stopped: {self.stopped} (floe sync start)"
+                 if self.stopped else "Sync: not running (floe sync start)",
                  f"Rounds: {self.uploads} uploads, {len(self.rounds) - self.uploads} declined"
                  f" or refused; privacy spent: epsilon {self.epsilon:.2f} at delta {delta:g}"
                  + (f" ({self.uploads_without_dp} uploads without DP noise: no formal"
@@ -194,32 +276,64 @@ def sync_summary(paths: Paths) -> SyncSummary:
     store = Store(paths.database)
     try:
         shared = store.shared_adapters()
-        return SyncSummary(sync_state(paths), store.federation_rounds(),
-                           shared[-1] if shared else None, known_policy(paths.data_dir))
+        state = sync_state(paths)
+        return SyncSummary(state, store.federation_rounds(), shared[-1] if shared else None,
+                           known_policy(paths.data_dir),
+                           None if state is not None else sync_stopped(paths))
     finally:
         store.close()
 
 
-def start_sync(paths: Paths, config: Config, rank: int) -> SyncState:
-    """Start the SuperNode in the background, in its own session: it outlives the chat."""
+def start_sync(paths: Paths, config: Config, rank: int, connect_wait: float = 10.0,
+               release_wait: float = 90.0) -> SyncState:
+    """Start the SuperNode in the background, in its own session: it outlives the chat.
+
+    Waits up to `connect_wait` seconds for it to join the federation; one that gives up in
+    that time (refused, or a TLS certificate that does not verify) is reported with its
+    reason. A federation that does not answer yet is not an error: the SuperNode retries."""
+    # A record whose process is gone: the last service was killed (kill -9, a crash) and
+    # never deactivated its node. A SuperLink that authenticates devices keeps such a node
+    # "online" for up to two heartbeats (60 s) and refuses its key until then.
+    killed = _sync_file(paths).exists()
     running = sync_state(paths)
     if running is not None:
         raise FloeError(f"sync is already running (pid {running.pid}, {running.address})")
+    deadline = time.monotonic() + release_wait
+    while True:
+        state, failure = _spawn_supernode(paths, config, rank, connect_wait)
+        if failure is None:
+            return state
+        _sync_file(paths).unlink(missing_ok=True)
+        if not (killed and ACTIVATION_REFUSED in failure and time.monotonic() < deadline):
+            raise FloeError(f"sync stopped: {exit_reason(failure) or failure}; see"
+                            f" {paths.data_dir / 'sync.log'}")
+        time.sleep(5)  # until the SuperLink lets the killed service's node go
+
+
+def _spawn_supernode(paths: Paths, config: Config, rank: int,
+                     connect_wait: float) -> tuple[SyncState, str | None]:
+    """(the started service, None), or (..., the log of a SuperNode that gave up)."""
     port = free_port()
     command = supernode_command(paths, config, rank, port)
-    log = open(paths.data_dir / "sync.log", "ab")  # noqa: SIM115 (the child keeps it)
+    log_path = paths.data_dir / "sync.log"
+    log = open(log_path, "ab")  # noqa: SIM115 (the child keeps it)
+    offset = log.tell()
     process = subprocess.Popen(command, env=flower_env(paths.data_dir / "flwr"),
                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                start_new_session=True)
     log.close()
     state = SyncState(process.pid, config.federation.address, rank, port)
     _sync_file(paths).write_text(json.dumps(asdict(state)))
-    try:
-        wait_for_port("127.0.0.1", port, 30, process)
-    except FloeError as exc:
-        _sync_file(paths).unlink(missing_ok=True)
-        raise FloeError(f"sync did not start: {exc}; see {paths.data_dir / 'sync.log'}") from None
-    return state
+    deadline = time.monotonic() + connect_wait
+    while time.monotonic() < deadline:
+        text = _read_from(log_path, offset)
+        if CONNECTED in text:
+            return state, None
+        if process.poll() is not None:
+            return state, (text if exit_reason(text) else
+                           f"the SuperNode exited (code {process.returncode})")
+        time.sleep(0.2)
+    return state, None  # still connecting: Flower keeps retrying an unreachable SuperLink
 
 
 def run_sync(paths: Paths, config: Config, rank: int) -> str:
@@ -284,6 +398,47 @@ def superlink_command(options: ServeOptions) -> list[str]:
     return command
 
 
+def superlink_problem(options: ServeOptions) -> str | None:
+    """Why Flower's SuperLink would refuse these options, said before starting it."""
+    tls = (options.ssl_certfile, options.ssl_keyfile, options.ssl_ca_certfile)
+    if any(tls) and not all(tls):
+        return "TLS needs all three of --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile"
+    if options.supernode_auth and not options.ssl_certfile:
+        return "--supernode-auth needs TLS (--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile)"
+    return None
+
+
+def flwr_json(control_home: Path, *args: str) -> dict:
+    """`flwr ARGS --format json` against the SuperLink in control_home/config.toml."""
+    result = subprocess.run([flower_program("flwr"), *args, "--format", "json"],
+                            env=flower_env(control_home), capture_output=True, text=True,
+                            timeout=120)
+    try:
+        return json.loads(result.stdout)
+    except ValueError:
+        raise FloeError(f"flwr {args[0]} failed: {(result.stderr or result.stdout)[-300:]}"
+                        ) from None
+
+
+def register_device(state_dir: Path, public_key: Path, name: str = "") -> str:
+    """Let the device whose key this is join the federation served from `state_dir`
+    (`floe federation serve --supernode-auth`, running). Returns its node id."""
+    control = state_dir / "flwr-control"
+    if not (control / "config.toml").exists():
+        raise FloeError(f"no federation served from {state_dir}: start floe federation serve"
+                        " --supernode-auth (with --state-dir) first")
+    if not public_key.is_file():
+        raise FloeError(f"no such key file: {public_key}")
+    reply = flwr_json(control, "supernode", "register", str(public_key.resolve()), "floe",
+                      *(["--name", name] if name else []))
+    # flwr exits 0 either way: its JSON says whether it worked.
+    if not reply.get("success"):
+        message = str(reply.get("error-message", "")).splitlines()
+        raise FloeError(f"the SuperLink did not register {public_key.name}:"
+                        f" {message[-1] if message else reply}")
+    return str(reply["node-id"])
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -331,14 +486,7 @@ class Operator:
                 self.link.wait()
 
     def _flwr(self, *args: str) -> dict:
-        result = subprocess.run([flower_program("flwr"), *args, "--format", "json"],
-                                env=flower_env(self.control_home), capture_output=True,
-                                text=True, timeout=120)
-        try:
-            return json.loads(result.stdout)
-        except ValueError:
-            raise FloeError(f"flwr {args[0]} failed: {(result.stderr or result.stdout)[-300:]}"
-                            ) from None
+        return flwr_json(self.control_home, *args)
 
     def submit(self) -> str:
         config = dict(self.options.run_config, **{"state-dir": str(self.options.state_dir)})

@@ -115,7 +115,13 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process that its parent (init, for a service) has not reaped yet is a zombie:
+    # it runs nothing, and on some systems it stays one for a second or more.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(pid, 0) is all there is
 
 
 class Store:
