@@ -1,5 +1,9 @@
 """The `floe` command. Imports stay inside the commands so `floe --version` starts instantly.
 
+Each command is a pair: `add_NAME` declares its options, next to `cmd_NAME`, which runs it;
+the pairs are grouped by concern (chat and history, memory and learning, federation,
+plugins, doctor), and COMMANDS lists them in the order `floe --help` shows.
+
 Exit codes: 0 ok, 1 a runtime error (one line on stderr), 2 a usage error, 130 Ctrl+C.
 """
 
@@ -9,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -22,13 +26,18 @@ if TYPE_CHECKING:
     from floe_app.plugins import Plugins
     from floe_app.session import ChatSession
 
+Commands = argparse._SubParsersAction  # what add_NAME adds its command to
+
 
 class FloeParser(argparse.ArgumentParser):
+    command_names: frozenset[str] = frozenset()  # the root parser's commands
+
     def error(self, message: str) -> NoReturn:
-        super().error(one_line(message, limit=None))  # it quotes the arguments: keep it on one line
+        # It quotes the arguments: keep it on one line.
+        super().error(one_line(message, limit=None))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> FloeParser:
     parser = FloeParser(
         prog="floe", description="Chat with a small language model that runs on this computer.",
         epilog="With no command, floe opens the chat in the terminal.")
@@ -36,158 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PATH", help="GGUF model to use instead of the"
                         " configured one (default: the bundled SmolLM2-135M-Instruct)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    parser.command_names = frozenset(commands.choices)
+    return parser
 
-    ask = commands.add_parser("ask", help="answer one prompt, streamed to stdout")
-    ask.add_argument("prompt", nargs="*", help="the prompt; '-' or none reads standard input")
-    ask.add_argument("--json", action="store_true",
-                     help="print one JSON object {text, stats} instead of streaming")
-    ask.add_argument("--conversation", "-c", type=int, metavar="ID",
-                     help="continue this conversation (see floe history list)")
-    ask.add_argument("--mode", choices=["local", "cloud", "fused"],
-                     help="local model only, the cloud's text, or both fused token by token"
-                     " (default: chat.mode; fused when a cloud is configured)")
 
-    history = commands.add_parser("history", help="list, show, search or export conversations")
-    history_commands = history.add_subparsers(dest="history_command", metavar="ACTION",
-                                              required=True)
-    listing = history_commands.add_parser("list", help="conversations, newest first")
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--json", action="store_true")
-    show = history_commands.add_parser("show", help="print a conversation as Markdown")
-    show.add_argument("id", type=int)
-    search = history_commands.add_parser("search", help="full-text search over all messages")
-    search.add_argument("query", nargs="+")
-    search.add_argument("--json", action="store_true")
-    export = history_commands.add_parser("export", help="write a conversation to a file")
-    export.add_argument("id", type=int)
-    export.add_argument("--output", "-o", metavar="FILE",
-                        help="where to write (default: floe-ID.md, or .json with --format json)")
-    export.add_argument("--format", choices=["markdown", "json"], default="markdown")
-
-    remember = commands.add_parser("remember", help="remember a fact about you (local only)")
-    remember.add_argument("text", nargs="+")
-    commands.add_parser("memories", help="list the facts Floe remembers")
-    forget = commands.add_parser("forget", help="forget a memory note")
-    forget.add_argument("id")
-
-    rate = commands.add_parser("rate", help="thumbs up or down on a reply (floe ask --json"
-                               " prints its message_id)")
-    rate.add_argument("message_id", type=int)
-    rate.add_argument("rating", choices=["up", "down", "none"])
-    correct = commands.add_parser("correct", help="what a reply should have said; the local"
-                                  " model learns it")
-    correct.add_argument("message_id", type=int)
-    correct.add_argument("text", nargs="+")
-    examples = commands.add_parser("examples", help="what the local model learns from")
-    examples.add_argument("--json", action="store_true")
-
-    train = commands.add_parser("train", help="teach the local model what it should learn now")
-    train.add_argument("--status", action="store_true", help="show the last or running job")
-    train.add_argument("--force", action="store_true",
-                       help="train even if paused or nothing changed")
-    train.add_argument("--tier", choices=["small", "medium", "large"],
-                       help="training size (default: learning.tier)")
-    train.add_argument("--steps", type=int, help="optimizer steps (default: from the tier)")
-    train.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
-
-    adapters = commands.add_parser("adapters", help="list, use or roll back adapter versions")
-    adapter_commands = adapters.add_subparsers(dest="adapters_command", metavar="ACTION",
-                                               required=True)
-    adapter_list = adapter_commands.add_parser("list", help="versions, newest last")
-    adapter_list.add_argument("--json", action="store_true")
-    adapter_use = adapter_commands.add_parser("use", help="use version N (0: no adapter)")
-    adapter_use.add_argument("version", type=int)
-    adapter_commands.add_parser("rollback", help="go back to the version used before")
-
-    cloud = commands.add_parser("cloud", help="what the configured cloud can do for fusion")
-    cloud_commands = cloud.add_subparsers(dest="cloud_command", required=True)
-    cloud_probe = cloud_commands.add_parser(
-        "probe", help="ask the cloud now (a few tiny requests, in the ledger) and remember")
-    cloud_probe.add_argument("--json", action="store_true")
-
-    ledger = commands.add_parser("ledger", help="every request that left this machine")
-    ledger.add_argument("--limit", type=int, default=20)
-    ledger.add_argument("--json", action="store_true")
-    ledger.add_argument("--full", action="store_true", help="print the whole text sent")
-
-    plugins = commands.add_parser("plugins", help="list, install or uninstall plugins")
-    plugin_commands = plugins.add_subparsers(dest="plugins_command", metavar="ACTION",
-                                             required=True)
-    plugin_list = plugin_commands.add_parser("list", help="installed plugins and their hooks")
-    plugin_list.add_argument("--json", action="store_true")
-    plugin_install = plugin_commands.add_parser(
-        "install", help="install a plugin (a PyPI name or a path) into Floe's own environment")
-    plugin_install.add_argument("target", nargs="+", metavar="NAME|PATH")
-    plugin_uninstall = plugin_commands.add_parser("uninstall", help="remove a plugin")
-    plugin_uninstall.add_argument("name", nargs="+")
-
-    private = commands.add_parser("private", help="keep a conversation out of what a"
-                                  " federation learns from (or let it back in)")
-    private.add_argument("conversation", type=int)
-    private.add_argument("state", choices=["on", "off"], nargs="?", default="on")
-
-    sync = commands.add_parser("sync", help="take part in federated rounds in the background")
-    sync_commands = sync.add_subparsers(dest="sync_command", metavar="ACTION", required=True)
-    sync_commands.add_parser("start", help="start the sync service (stays up after the chat)")
-    sync_commands.add_parser("stop", help="stop it: nothing more is uploaded")
-    sync_status = sync_commands.add_parser("status", help="service, rounds, privacy spent")
-    sync_status.add_argument("--json", action="store_true")
-    sync_commands.add_parser("run", help="run the service in the foreground (systemd, launchd)")
-    sync_commands.add_parser("key", help="this device's key for federations that authenticate"
-                             " devices (created once; the operator registers its .pub file)")
-
-    federation = commands.add_parser("federation", help="run a federation (operators)")
-    federation_commands = federation.add_subparsers(dest="federation_command",
-                                                    metavar="ACTION", required=True)
-    serve = federation_commands.add_parser(
-        "serve", help="start a Flower SuperLink and run rounds of Floe's shared adapter")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="listen address (0.0.0.0: every interface; use TLS then)")
-    serve.add_argument("--port", type=int, default=9092)
-    serve.add_argument("--state-dir", type=Path,
-                       help="SuperLink database, shared adapters, round log (default: data"
-                            " dir/federation)")
-    serve.add_argument("--rounds", type=int, default=2,
-                       help="total rounds (a restarted serve carries on to this number)")
-    serve.add_argument("--rank", type=int, default=16, help="rank of the shared adapter")
-    serve.add_argument("--clip-norm", type=float, default=20.0,
-                       help="L2 bound on one device's change (20: above an honest update's"
-                            " 11-14 at the default steps and learning rate)")
-    serve.add_argument("--privacy", default="auto",
-                       choices=["auto", "none", "central", "local", "distributed"],
-                       help="auto (default): DP noise added by the server when enough devices"
-                            " per round can bear it, else none (said to every device); none;"
-                            " central (the server adds the noise once to the sum); local"
-                            " (every device adds it); distributed needs secure aggregation"
-                            " (not available)")
-    serve.add_argument("--epsilon", type=float, default=8.0,
-                       help="DP target per user over all rounds, at --delta")
-    serve.add_argument("--delta", type=float, default=1e-5)
-    serve.add_argument("--noise-multiplier", type=float, default=None,
-                       help="DP noise multiplier (default: the least that meets --epsilon)")
-    serve.add_argument("--perplexity-margin", type=float, default=0.05,
-                       help="do not publish an aggregate that raises general-text"
-                            " perplexity more than this at every device rank")
-    serve.add_argument("--steps", type=int, default=20, help="local steps per round")
-    serve.add_argument("--learning-rate", type=float, default=2e-3)
-    serve.add_argument("--min-nodes", type=int, default=2,
-                       help="wait for this many devices before a round")
-    serve.add_argument("--round-timeout", type=float, default=900.0)
-    serve.add_argument("--ssl-certfile", default="")
-    serve.add_argument("--ssl-keyfile", default="")
-    serve.add_argument("--ssl-ca-certfile", default="")
-    serve.add_argument("--supernode-auth", action="store_true",
-                       help="only registered devices may join (floe federation register)")
-    serve.add_argument("--keep", action="store_true",
-                       help="keep the SuperLink running after the run")
-    register = federation_commands.add_parser(
-        "register", help="let a device join a serve --supernode-auth federation (its key)")
-    register.add_argument("public_key", type=Path, metavar="KEY.pub")
-    register.add_argument("--state-dir", type=Path, help="as given to serve")
-    register.add_argument("--name", default="", help="a name for the device")
-
-    doctor = commands.add_parser("doctor", help="check the model, the CPU, paths and versions")
-    doctor.add_argument("--json", action="store_true")
+def command(commands: Commands, name: str, run: Callable[[argparse.Namespace], int],
+            help: str) -> FloeParser:
+    """Add command `name`, run by `run(args)`; returns its parser for its options."""
+    parser = commands.add_parser(name, help=help)
+    parser.set_defaults(run=run)
     return parser
 
 
@@ -200,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # refuse; they become U+FFFD, so the rest of the text is kept.
     argv = [_utf8(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     try:
-        if argv and not argv[0].startswith("-") and argv[0] not in HANDLERS:
+        if argv and not argv[0].startswith("-") and argv[0] not in parser.command_names:
             # Not one of ours: perhaps a plugin's command (plugins load only on this path).
             handled = run_plugin_command(argv[0], argv[1:])
             if handled is not None:
@@ -208,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             return run_tui(args)
-        return HANDLERS[args.command](args)
+        return args.run(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"floe: error: {one_line(exc, limit=None)}", file=sys.stderr)
@@ -237,63 +105,7 @@ def _utf8(arg: str) -> str:
         return arg.encode("utf-8", "replace").decode("utf-8")
 
 
-def cmd_memory(args: argparse.Namespace) -> int:
-    """floe remember / memories / forget: the same as the chat's slash commands."""
-    words = {"remember": " ".join(getattr(args, "text", [])), "forget": getattr(args, "id", ""),
-             "memories": ""}[args.command]
-    print(open_session(args).run_command(None, f"/{args.command} {words}"))
-    return 0
-
-
-def load_plugins() -> Plugins:
-    from floe_app.plugins import Plugins
-
-    plugins = Plugins()
-    for problem in plugins.problems:
-        print(f"floe: warning: {problem}", file=sys.stderr)
-    return plugins
-
-
-def run_plugin_command(name: str, words: list[str]) -> int | None:
-    """Run `floe NAME ARGS` if a plugin provides NAME; None when none does."""
-    plugins = load_plugins()
-    if name not in plugins.commands():
-        return None
-    try:
-        session = open_session(argparse.Namespace(model=None), plugins)
-        print(session.run_command(None, f"/{name} {' '.join(words)}"))
-    except FloeError as exc:
-        print(f"floe: error: {one_line(exc, limit=None)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_plugins(args: argparse.Namespace) -> int:
-    import subprocess
-
-    if args.plugins_command in ("install", "uninstall"):
-        # Floe's own interpreter: under pipx that is Floe's private environment.
-        names = args.target if args.plugins_command == "install" else ["--yes", *args.name]
-        command = [sys.executable, "-m", "pip", args.plugins_command, "--quiet", *names]
-        from floe_app.paths import user_umask
-
-        with user_umask():  # a plugin is code, not the user's data: installed as pip would
-            returncode = subprocess.run(command).returncode
-        if returncode != 0:
-            raise FloeError(f"pip could not {args.plugins_command} {' '.join(names)}")
-        return 0
-    plugins = load_plugins()
-    plugins.commands()  # calling the hooks is what finds a plugin that raises or hangs
-    infos = list(plugins.infos.values())
-    if args.json:
-        print(json.dumps([vars(i) for i in infos]))
-        return 0
-    if not infos:
-        print("No plugins installed. Try: floe plugins install floe-clock")
-    for info in infos:
-        state = f"DISABLED: {info.error}" if info.error else ", ".join(info.hooks)
-        print(f"{info.name} {info.version}  {state}")
-    return 0
+# Settings, the session and plugins, loaded by the commands that need them
 
 
 def load_settings(report: bool = True) -> tuple[Paths, Config, list[str]]:
@@ -317,6 +129,15 @@ def open_session(args: argparse.Namespace, plugins: Plugins | None = None) -> Ch
     return ChatSession.open(paths, config, model_override=args.model, plugins=plugins)
 
 
+def load_plugins() -> Plugins:
+    from floe_app.plugins import Plugins
+
+    plugins = Plugins()
+    for problem in plugins.problems:
+        print(f"floe: warning: {problem}", file=sys.stderr)
+    return plugins
+
+
 def run_tui(args: argparse.Namespace) -> int:
     from floe_app.session import ChatSession
     from floe_app.tui.app import FloeApp
@@ -325,6 +146,21 @@ def run_tui(args: argparse.Namespace) -> int:
     session = ChatSession.open(paths, config, model_override=args.model)
     FloeApp(session, warnings=warnings).run()
     return 0
+
+
+# Chat and history
+
+
+def add_ask(commands: Commands) -> None:
+    ask = command(commands, "ask", cmd_ask, "answer one prompt, streamed to stdout")
+    ask.add_argument("prompt", nargs="*", help="the prompt; '-' or none reads standard input")
+    ask.add_argument("--json", action="store_true",
+                     help="print one JSON object {text, stats} instead of streaming")
+    ask.add_argument("--conversation", "-c", type=int, metavar="ID",
+                     help="continue this conversation (see floe history list)")
+    ask.add_argument("--mode", choices=["local", "cloud", "fused"],
+                     help="local model only, the cloud's text, or both fused token by token"
+                     " (default: chat.mode; fused when a cloud is configured)")
 
 
 def read_prompt(words: list[str]) -> str:
@@ -362,6 +198,25 @@ def cmd_ask(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def add_history(commands: Commands) -> None:
+    history = command(commands, "history", cmd_history,
+                      "list, show, search or export conversations")
+    actions = history.add_subparsers(dest="history_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="conversations, newest first")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true")
+    show = actions.add_parser("show", help="print a conversation as Markdown")
+    show.add_argument("id", type=int)
+    search = actions.add_parser("search", help="full-text search over all messages")
+    search.add_argument("query", nargs="+")
+    search.add_argument("--json", action="store_true")
+    export = actions.add_parser("export", help="write a conversation to a file")
+    export.add_argument("id", type=int)
+    export.add_argument("--output", "-o", metavar="FILE",
+                        help="where to write (default: floe-ID.md, or .json with --format json)")
+    export.add_argument("--format", choices=["markdown", "json"], default="markdown")
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -411,6 +266,37 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_cloud(commands: Commands) -> None:
+    cloud = command(commands, "cloud", cmd_cloud, "what the configured cloud can do for fusion")
+    actions = cloud.add_subparsers(dest="cloud_command", required=True)
+    probe = actions.add_parser(
+        "probe", help="ask the cloud now (a few tiny requests, in the ledger) and remember")
+    probe.add_argument("--json", action="store_true")
+
+
+def cmd_cloud(args: argparse.Namespace) -> int:
+    session = open_session(args)
+    target = session.cloud_target()
+    profile = session.probe_cloud()
+    if args.json:
+        print(json.dumps({"base_url": target.base_url if target else None,
+                          "model": target.model if target else None,
+                          "profile": profile.to_json(), "summary": profile.describe()}))
+        return 0
+    assert target is not None
+    print(f"{target.base_url} ({target.model}): {profile.describe()}")
+    for note in profile.notes:
+        print(f"  - {note}")
+    return 0
+
+
+def add_ledger(commands: Commands) -> None:
+    ledger = command(commands, "ledger", cmd_ledger, "every request that left this machine")
+    ledger.add_argument("--limit", type=int, default=20)
+    ledger.add_argument("--json", action="store_true")
+    ledger.add_argument("--full", action="store_true", help="print the whole text sent")
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     rows = open_session(args).store.ledger(max(args.limit, 0))
     if args.json:
@@ -428,14 +314,76 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+# Memory and learning
+
+
+def add_remember(commands: Commands) -> None:
+    remember = command(commands, "remember", cmd_remember,
+                       "remember a fact about you (local only)")
+    remember.add_argument("text", nargs="+")
+
+
+def cmd_remember(args: argparse.Namespace) -> int:
+    from floe_app.default_plugins.memory_commands import remembered
+
+    print(remembered(open_session(args).remember(" ".join(args.text))))
+    return 0
+
+
+def add_memories(commands: Commands) -> None:
+    command(commands, "memories", cmd_memories, "list the facts Floe remembers")
+
+
+def cmd_memories(args: argparse.Namespace) -> int:
+    from floe_app.default_plugins.memory_commands import listed_memories
+
+    print(listed_memories(open_session(args).store))
+    return 0
+
+
+def add_forget(commands: Commands) -> None:
+    forget = command(commands, "forget", cmd_forget, "forget a memory note")
+    forget.add_argument("id")
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from floe_app.default_plugins.memory_commands import forget
+
+    print(forget(open_session(args).store, args.id.strip()))
+    return 0
+
+
+def add_rate(commands: Commands) -> None:
+    rate = command(commands, "rate", cmd_rate, "thumbs up or down on a reply (floe ask --json"
+                   " prints its message_id)")
+    rate.add_argument("message_id", type=int)
+    rate.add_argument("rating", choices=["up", "down", "none"])
+
+
 def cmd_rate(args: argparse.Namespace) -> int:
     learning = open_session(args).learning
-    if args.command == "rate":
-        learning.rate(args.message_id, {"up": 1, "down": -1, "none": None}[args.rating])
-    else:
-        learning.correct(args.message_id, " ".join(args.text))
+    learning.rate(args.message_id, {"up": 1, "down": -1, "none": None}[args.rating])
     print(f"Saved. {learning.line()}")
     return 0
+
+
+def add_correct(commands: Commands) -> None:
+    correct = command(commands, "correct", cmd_correct, "what a reply should have said; the"
+                      " local model learns it")
+    correct.add_argument("message_id", type=int)
+    correct.add_argument("text", nargs="+")
+
+
+def cmd_correct(args: argparse.Namespace) -> int:
+    learning = open_session(args).learning
+    learning.correct(args.message_id, " ".join(args.text))
+    print(f"Saved. {learning.line()}")
+    return 0
+
+
+def add_examples(commands: Commands) -> None:
+    examples = command(commands, "examples", cmd_examples, "what the local model learns from")
+    examples.add_argument("--json", action="store_true")
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
@@ -448,6 +396,18 @@ def cmd_examples(args: argparse.Namespace) -> int:
         for e in examples:
             print(f"  [{e.source_id}] {e.prompt} -> {' '.join(e.answer.split())[:100]}")
     return 0
+
+
+def add_train(commands: Commands) -> None:
+    train = command(commands, "train", cmd_train,
+                    "teach the local model what it should learn now")
+    train.add_argument("--status", action="store_true", help="show the last or running job")
+    train.add_argument("--force", action="store_true",
+                       help="train even if paused or nothing changed")
+    train.add_argument("--tier", choices=["small", "medium", "large"],
+                       help="training size (default: learning.tier)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: from the tier)")
+    train.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -474,6 +434,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                           progress=None if args.background else show)
     print(result.message)
     return 0
+
+
+def add_adapters(commands: Commands) -> None:
+    adapters = command(commands, "adapters", cmd_adapters,
+                       "list, use or roll back adapter versions")
+    actions = adapters.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="versions, newest last")
+    listing.add_argument("--json", action="store_true")
+    use = actions.add_parser("use", help="use version N (0: no adapter)")
+    use.add_argument("version", type=int)
+    actions.add_parser("rollback", help="go back to the version used before")
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
@@ -505,16 +476,14 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from floe_app.doctor import diagnose, format_report
-    from floe_app.paths import resolve_paths
+# Federation
 
-    paths = resolve_paths()
-    for note in paths.secure():
-        print(f"floe: note: {note}", file=sys.stderr)
-    report = diagnose(paths, model_override=args.model)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0 if report["ok"] else 1
+
+def add_private(commands: Commands) -> None:
+    private = command(commands, "private", cmd_private, "keep a conversation out of what a"
+                      " federation learns from (or let it back in)")
+    private.add_argument("conversation", type=int)
+    private.add_argument("state", choices=["on", "off"], nargs="?", default="on")
 
 
 def cmd_private(args: argparse.Namespace) -> int:
@@ -526,6 +495,18 @@ def cmd_private(args: argparse.Namespace) -> int:
           + ("private: no federation learns from it." if args.state == "on" else
              "shareable again (only accepted replies and corrections are shared)."))
     return 0
+
+
+def add_sync(commands: Commands) -> None:
+    sync = command(commands, "sync", cmd_sync, "take part in federated rounds in the background")
+    actions = sync.add_subparsers(dest="sync_command", metavar="ACTION", required=True)
+    actions.add_parser("start", help="start the sync service (stays up after the chat)")
+    actions.add_parser("stop", help="stop it: nothing more is uploaded")
+    status = actions.add_parser("status", help="service, rounds, privacy spent")
+    status.add_argument("--json", action="store_true")
+    actions.add_parser("run", help="run the service in the foreground (systemd, launchd)")
+    actions.add_parser("key", help="this device's key for federations that authenticate"
+                       " devices (created once; the operator registers its .pub file)")
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -579,6 +560,58 @@ def print_sync_status(paths: Paths, config: Config, as_json: bool) -> int:
         return 0
     print("\n".join(summary.lines(config.federation.delta)))
     return 0
+
+
+def add_federation(commands: Commands) -> None:
+    federation = command(commands, "federation", cmd_federation, "run a federation (operators)")
+    actions = federation.add_subparsers(dest="federation_command", metavar="ACTION",
+                                        required=True)
+    serve = actions.add_parser(
+        "serve", help="start a Flower SuperLink and run rounds of Floe's shared adapter")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="listen address (0.0.0.0: every interface; use TLS then)")
+    serve.add_argument("--port", type=int, default=9092)
+    serve.add_argument("--state-dir", type=Path,
+                       help="SuperLink database, shared adapters, round log (default: data"
+                            " dir/federation)")
+    serve.add_argument("--rounds", type=int, default=2,
+                       help="total rounds (a restarted serve carries on to this number)")
+    serve.add_argument("--rank", type=int, default=16, help="rank of the shared adapter")
+    serve.add_argument("--clip-norm", type=float, default=20.0,
+                       help="L2 bound on one device's change (20: above an honest update's"
+                            " 11-14 at the default steps and learning rate)")
+    serve.add_argument("--privacy", default="auto",
+                       choices=["auto", "none", "central", "local", "distributed"],
+                       help="auto (default): DP noise added by the server when enough devices"
+                            " per round can bear it, else none (said to every device); none;"
+                            " central (the server adds the noise once to the sum); local"
+                            " (every device adds it); distributed needs secure aggregation"
+                            " (not available)")
+    serve.add_argument("--epsilon", type=float, default=8.0,
+                       help="DP target per user over all rounds, at --delta")
+    serve.add_argument("--delta", type=float, default=1e-5)
+    serve.add_argument("--noise-multiplier", type=float, default=None,
+                       help="DP noise multiplier (default: the least that meets --epsilon)")
+    serve.add_argument("--perplexity-margin", type=float, default=0.05,
+                       help="do not publish an aggregate that raises general-text"
+                            " perplexity more than this at every device rank")
+    serve.add_argument("--steps", type=int, default=20, help="local steps per round")
+    serve.add_argument("--learning-rate", type=float, default=2e-3)
+    serve.add_argument("--min-nodes", type=int, default=2,
+                       help="wait for this many devices before a round")
+    serve.add_argument("--round-timeout", type=float, default=900.0)
+    serve.add_argument("--ssl-certfile", default="")
+    serve.add_argument("--ssl-keyfile", default="")
+    serve.add_argument("--ssl-ca-certfile", default="")
+    serve.add_argument("--supernode-auth", action="store_true",
+                       help="only registered devices may join (floe federation register)")
+    serve.add_argument("--keep", action="store_true",
+                       help="keep the SuperLink running after the run")
+    register = actions.add_parser(
+        "register", help="let a device join a serve --supernode-auth federation (its key)")
+    register.add_argument("public_key", type=Path, metavar="KEY.pub")
+    register.add_argument("--state-dir", type=Path, help="as given to serve")
+    register.add_argument("--name", default="", help="a name for the device")
 
 
 def cmd_federation(args: argparse.Namespace) -> int:
@@ -637,25 +670,85 @@ def cmd_federation(args: argparse.Namespace) -> int:
         operator.stop_link()
 
 
-def cmd_cloud(args: argparse.Namespace) -> int:
-    session = open_session(args)
-    target = session.cloud_target()
-    profile = session.probe_cloud()
-    if args.json:
-        print(json.dumps({"base_url": target.base_url if target else None,
-                          "model": target.model if target else None,
-                          "profile": profile.to_json(), "summary": profile.describe()}))
+# Plugins
+
+
+def add_plugins(commands: Commands) -> None:
+    plugins = command(commands, "plugins", cmd_plugins, "list, install or uninstall plugins")
+    actions = plugins.add_subparsers(dest="plugins_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="installed plugins and their hooks")
+    listing.add_argument("--json", action="store_true")
+    install = actions.add_parser(
+        "install", help="install a plugin (a PyPI name or a path) into Floe's own environment")
+    install.add_argument("target", nargs="+", metavar="NAME|PATH")
+    uninstall = actions.add_parser("uninstall", help="remove a plugin")
+    uninstall.add_argument("name", nargs="+")
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    import subprocess
+
+    if args.plugins_command in ("install", "uninstall"):
+        # Floe's own interpreter: under pipx that is Floe's private environment.
+        names = args.target if args.plugins_command == "install" else ["--yes", *args.name]
+        command = [sys.executable, "-m", "pip", args.plugins_command, "--quiet", *names]
+        from floe_app.paths import user_umask
+
+        with user_umask():  # a plugin is code, not the user's data: installed as pip would
+            returncode = subprocess.run(command).returncode
+        if returncode != 0:
+            raise FloeError(f"pip could not {args.plugins_command} {' '.join(names)}")
         return 0
-    assert target is not None
-    print(f"{target.base_url} ({target.model}): {profile.describe()}")
-    for note in profile.notes:
-        print(f"  - {note}")
+    plugins = load_plugins()
+    plugins.commands()  # calling the hooks is what finds a plugin that raises or hangs
+    infos = list(plugins.infos.values())
+    if args.json:
+        print(json.dumps([vars(i) for i in infos]))
+        return 0
+    if not infos:
+        print("No plugins installed. Try: floe plugins install floe-clock")
+    for info in infos:
+        state = f"DISABLED: {info.error}" if info.error else ", ".join(info.hooks)
+        print(f"{info.name} {info.version}  {state}")
     return 0
 
 
-HANDLERS = {"ask": cmd_ask, "cloud": cmd_cloud, "history": cmd_history, "ledger": cmd_ledger,
-            "remember": cmd_memory, "memories": cmd_memory, "forget": cmd_memory,
-            "plugins": cmd_plugins, "doctor": cmd_doctor, "rate": cmd_rate,
-            "correct": cmd_rate, "examples": cmd_examples, "train": cmd_train,
-            "adapters": cmd_adapters, "private": cmd_private, "sync": cmd_sync,
-            "federation": cmd_federation}
+def run_plugin_command(name: str, words: list[str]) -> int | None:
+    """Run `floe NAME ARGS` if a plugin provides NAME; None when none does."""
+    plugins = load_plugins()
+    if name not in plugins.commands():
+        return None
+    try:
+        session = open_session(argparse.Namespace(model=None), plugins)
+        print(session.run_command(None, f"/{name} {' '.join(words)}"))
+    except FloeError as exc:
+        print(f"floe: error: {one_line(exc, limit=None)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# Doctor
+
+
+def add_doctor(commands: Commands) -> None:
+    doctor = command(commands, "doctor", cmd_doctor,
+                     "check the model, the CPU, paths and versions")
+    doctor.add_argument("--json", action="store_true")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from floe_app.doctor import diagnose, format_report
+    from floe_app.paths import resolve_paths
+
+    paths = resolve_paths()
+    for note in paths.secure():
+        print(f"floe: note: {note}", file=sys.stderr)
+    report = diagnose(paths, model_override=args.model)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+# In the order `floe --help` lists them.
+COMMANDS = (add_ask, add_history, add_remember, add_memories, add_forget, add_rate, add_correct,
+            add_examples, add_train, add_adapters, add_cloud, add_ledger, add_plugins,
+            add_private, add_sync, add_federation, add_doctor)
