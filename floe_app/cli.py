@@ -220,7 +220,7 @@ def add_history(commands: Commands) -> None:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from floe_app.session import conversation_markdown
+    from floe_app.session import conversation_markdown, export_conversation
 
     session = open_session(args)
     store = session.store
@@ -248,21 +248,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     if action == "show":
         print(conversation_markdown(conversation, messages))
         return 0
-    if args.format == "json":
-        text = json.dumps({"conversation": vars(conversation),
-                           "messages": [vars(m) for m in messages]},
-                          ensure_ascii=False, indent=2)
-    else:
-        text = conversation_markdown(conversation, messages)
-    suffix = "json" if args.format == "json" else "md"
-    output = Path(args.output or f"floe-{args.id}.{suffix}")
-    try:
-        output.write_text(text + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise FloeError(f"cannot write {output}: {exc.strerror or exc}") from exc
-    except ValueError as exc:  # a NUL byte in the name
-        raise FloeError(f"cannot write {str(output)!r}: {exc}") from exc
-    print(output)
+    print(export_conversation(conversation, messages, args.format,
+                              Path(args.output) if args.output else None))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -707,6 +708,27 @@ def conversation_markdown(conversation: Conversation, messages: list[Message]) -
         note = "" if message.status == "complete" else f" _({message.status})_"
         lines += [f"## {who}{note}", "", message.content or "_(no text)_", ""]
     return "\n".join(lines)
+
+
+def export_conversation(conversation: Conversation, messages: list[Message],
+                        fmt: str = "markdown", output: Path | None = None,
+                        folder: Path = Path()) -> Path:
+    """Write a conversation to `output` (default: floe-ID.md, or floe-ID.json, in `folder`)
+    as Markdown or JSON; returns the path. FloeError when it cannot be written."""
+    if fmt == "json":
+        text = json.dumps({"conversation": vars(conversation),
+                           "messages": [vars(m) for m in messages]},
+                          ensure_ascii=False, indent=2)
+    else:
+        text = conversation_markdown(conversation, messages)
+    path = output or folder / f"floe-{conversation.id}.{'json' if fmt == 'json' else 'md'}"
+    try:
+        path.write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise FloeError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL byte in the name
+        raise FloeError(f"cannot write {str(path)!r}: {exc}") from exc
+    return path
 
 
 def _using(row: AdapterRow | None, shared: dict[str, Any] | None) -> str:

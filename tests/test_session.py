@@ -1,5 +1,6 @@
 """A chat turn end to end: real model, real SQLite file."""
 
+import json
 import threading
 from dataclasses import replace
 
@@ -14,6 +15,7 @@ from floe_app.session import (
     Notice,
     Saved,
     conversation_markdown,
+    export_conversation,
     fit_prompt,
     title_from,
 )
@@ -156,6 +158,19 @@ def test_titles_and_markdown_export(store):
     md = conversation_markdown(store.conversation(cid), store.messages(cid))
     assert md.startswith("# Trip") and "## You\n\nPlan a trip" in md
     assert "## Floe _(interrupted)_\n\nGo to **Lisbon**" in md
+
+
+def test_one_export_for_the_chat_and_the_command_line(store, tmp_path):
+    cid = store.create_conversation("Trip")
+    store.add_message(cid, "user", "Plan a trip")
+    conversation, messages = store.conversation(cid), store.messages(cid)
+    markdown = export_conversation(conversation, messages, folder=tmp_path)
+    assert markdown == tmp_path / f"floe-{cid}.md"
+    assert markdown.read_text() == conversation_markdown(conversation, messages) + "\n"
+    as_json = export_conversation(conversation, messages, "json", folder=tmp_path)
+    assert json.loads(as_json.read_text())["messages"][0]["content"] == "Plan a trip"
+    with pytest.raises(FloeError, match=r"^cannot write .*missing/x\.md: No such file"):
+        export_conversation(conversation, messages, output=tmp_path / "missing" / "x.md")
 
 
 def test_memory_notes_reach_the_local_model_and_can_be_forgotten(session, store):

@@ -24,7 +24,7 @@ from textual.widgets import Footer, Input, ListView
 from floe_app.config import Config
 from floe_app.errors import FloeError
 from floe_app.paths import assets_dir
-from floe_app.session import ChatSession, SettingsApplied, conversation_markdown
+from floe_app.session import ChatSession, SettingsApplied, export_conversation
 from floe_app.store import Store
 from floe_app.tui.screens.confirm import ConfirmScreen
 from floe_app.tui.screens.correct import CorrectionScreen
@@ -364,13 +364,11 @@ class FloeApp(App[None]):
         if conversation is None:
             self.notify("No chat to export yet.")
             return
-        path = self.export_dir / f"floe-{conversation.id}.md"
         try:
-            path.write_text(conversation_markdown(conversation,
-                                                  self.store.messages(conversation.id)) + "\n",
-                            encoding="utf-8")
-        except OSError as exc:
-            self.notify(f"Could not write {path}: {exc.strerror}", severity="error")
+            path = export_conversation(conversation, self.store.messages(conversation.id),
+                                       folder=self.export_dir)
+        except FloeError as exc:
+            self.notify(f"Could not export: {exc}", severity="error")
             return
         self.notify(f"Exported to {path}")
 
