@@ -143,7 +143,8 @@ def right(text: str, answers: list[str]) -> bool:
 def run_setup(setup: Setup, proxy, args, questions) -> Result:
     # The local setup names a preset too, so that warming the cloud up probes nothing.
     session = make_session(proxy, args.max_tokens, model=MODEL,
-                           cloud=setup.cloud or NO_CONTINUATION, **setup.fusion)
+                           cloud=setup.cloud or NO_CONTINUATION,
+                           **{**args.overrides, **setup.fusion})
     for note in NOTES:
         session.remember(note)
     result = Result()
@@ -207,9 +208,18 @@ def main() -> None:
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "floe-bench-cache")
     parser.add_argument("--misses", action="store_true", help="list every wrong reply")
+    parser.add_argument("--fusion", action="append", default=[], metavar="KEY=VALUE",
+                        help="a fusion setting for every fused setup, e.g. lambda_max=1")
     args = parser.parse_args()
     # A terminated run still stops its servers (the context managers below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.overrides = {}
+    for item in args.fusion:
+        key, _, value = item.partition("=")
+        try:
+            args.overrides[key.strip()] = float(value) if "." in value else int(value)
+        except ValueError:
+            parser.error(f"--fusion {item}: expected KEY=NUMBER")
     chosen = [s.strip() for s in args.setups.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SETUPS]
     if unknown:

@@ -238,6 +238,12 @@ class FusionSettings:
         metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
                        "cloud weight where the cloud is sure and nothing private is at stake"),
     )
+    private_kl: float = field(
+        default=2.0,
+        metadata=_rule("a number from 0 to 50", lambda v: 0 <= v <= 50,
+                       "a reply whose words your private notes or adapter move this much"
+                       " (KL, nats) is left to the local model; 0: always, where there are any"),
+    )
     beta: float = field(
         default=1.0,
         metadata=_rule("a number from 0 to 4", lambda v: 0 <= v <= 4,

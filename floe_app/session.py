@@ -17,8 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from floe_app.config import Config, FederationSettings, write_config
 from floe_app.engine.cloud import (
     CANCELLED,
@@ -29,7 +27,7 @@ from floe_app.engine.cloud import (
     LedgerEntry,
     Recorder,
 )
-from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats
+from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats, PrivateCheck
 from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback, resolve_model_path
 from floe_app.engine.probe import probe
 from floe_app.engine.profiles import CloudProfile, ProfileCache
@@ -537,19 +535,18 @@ class ChatSession:
             for step in engine.generate(tokens, sampling, cancel, run.stats):
                 yield step.text
             return
-        public_logprobs = None
+        private = None
         if run.private or engine.adapter_path is not None:
             # The same model without the private context and adapter, in its own llama.cpp
             # context so the two prompts do not evict each other's cache: how much they
             # move the local choice decides how far the cloud is trusted (fusion.py).
             base = self.base_engine()
             base_prompt = base.chat_tokens(run.public_messages)
-
-            def public_logprobs(generated: list[int]) -> np.ndarray:
-                return base.next_token_logprobs(base_prompt + generated)
-
+            private = PrivateCheck(
+                with_private=lambda generated: engine.next_token_logprobs(tokens + generated),
+                without=lambda generated: base.next_token_logprobs(base_prompt + generated))
         chooser = FusedChooser(engine.vocabulary(), client, cloud_messages, run.redactor,
-                               self.config.fusion, sampling, run.fusion, public_logprobs,
+                               self.config.fusion, sampling, run.fusion, private,
                                run.recorder, lambda text: engine.tokenize(text, special=False))
         shown = 0
         try:

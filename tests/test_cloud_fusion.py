@@ -10,6 +10,8 @@ import threading
 
 import pytest
 
+from floe_app.engine.fused import FusedChooser, FusionStats, PrivateCheck
+from floe_app.engine.redact import Redactor
 from floe_app.session import Delta, Finished, Notice
 from tests.conftest import prompts_seen, run_floe
 from tests.support.cloud_server import free_port
@@ -209,6 +211,45 @@ def test_private_context_reaches_the_local_model_only(make_session, cloud_config
         reply(session, "What is my dog called?")
     assert "Biscotti" in seen[0]
     assert store.ledger() and all("Biscotti" not in r.text_sent for r in store.ledger())
+
+
+def routed_reply(session, question, notes):
+    """A fused reply whose cloud has finished answering before the first local token (as
+    when the local model is slow to start): every position sees the cloud."""
+    engine, base = session.engine(), session.base_engine()
+    public = [{"role": "system", "content": "You are a helpful assistant."},
+              {"role": "user", "content": question}]
+    private = [{"role": "system", "content": public[0]["content"] + "\n" + " ".join(notes)},
+               public[1]]
+    prompt, base_prompt = engine.chat_tokens(private), base.chat_tokens(public)
+    check = PrivateCheck(lambda done: engine.next_token_logprobs(prompt + done),
+                         lambda done: base.next_token_logprobs(base_prompt + done))
+    stats = FusionStats()
+    chooser = FusedChooser(engine.vocabulary(), session.cloud_client(session.cloud_target()),
+                           public, Redactor(), session.config.fusion, session.sampling(),
+                           stats, check)
+    assert chooser.stream.wait_until(lambda: chooser.stream.done, 120)
+    cloud_text = chooser.stream.text
+    text = "".join(step.text for step in engine.generate(prompt, session.sampling(),
+                                                           chooser=chooser))
+    local = "".join(step.text for step in engine.generate(prompt, session.sampling()))
+    return text, local, cloud_text, stats
+
+
+def test_a_reply_that_draws_on_private_notes_leaves_the_cloud_out(make_session, cloud_config):
+    """Asked about the user's own dog, the notes move the local model at once: the cloud,
+    which never saw them, is left out and the reply is the local one. A general question
+    with the same notes is fused: they hardly move it."""
+    cloud_config.chat.max_tokens = 12  # enough to name the dog or the city
+    session = make_session(cloud_config)
+    notes = ["The user's dog is called Biscotti.", "The user lives in Lisbon."]
+    text, local, cloud_text, stats = routed_reply(session, "What is my dog called?", notes)
+    assert b"Biscotti" not in cloud_text  # the cloud could not have known
+    assert stats.private_from == 0 and stats.private_shift >= 2.0
+    assert stats.agreed == stats.fused == 0 and text == local
+    text, local, cloud_text, stats = routed_reply(session, QUESTION, notes)
+    assert stats.private_from == -1 and stats.private_shift < 2.0
+    assert stats.agreed + stats.fused > 0 and stats.private == 0
 
 
 def test_proxy_tuning_form_completes_with_private_context(make_session, cloud_config, store):

@@ -14,7 +14,7 @@ from floe_app.engine.fusion import (
     cloud_weight,
     fuse_log_linear,
     fuse_proxy_tuning,
-    private_lift,
+    private_shift,
     realign,
 )
 from floe_app.engine.sampling import log_softmax
@@ -106,31 +106,27 @@ def test_support_is_prefixes_and_extensions_never_special_tokens():
     assert VOCAB.supporting(b"\xff\xff").size == 0
 
 
-@given(st.floats(0, 1), st.floats(0, 20), st.floats(0, 1), st.floats(0, 1))
-def test_cloud_weight_stays_within_bounds(confidence, lift, a, b):
+@given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1))
+def test_cloud_weight_grows_with_the_clouds_confidence_within_bounds(c1, c2, a, b):
     low, high = min(a, b), max(a, b)
-    assert 0 <= cloud_weight(confidence, lift, low, high) <= high + 1e-12
-    if lift <= 0.7:  # nothing private at stake: between the bounds
-        assert low - 1e-12 <= cloud_weight(confidence, lift, low, high)
+    unsure, sure = sorted((c1, c2))
+    assert low - 1e-12 <= cloud_weight(unsure, low, high) <= cloud_weight(sure, low, high)
+    assert cloud_weight(sure, low, high) <= high + 1e-12
 
 
-@given(st.floats(0, 1), st.floats(0, 5), st.floats(0, 5))
-def test_private_knowledge_takes_weight_from_the_cloud(confidence, lift_a, lift_b):
-    small, large = sorted((lift_a, lift_b))
-    assert cloud_weight(confidence, large, 0.3, 0.9) <= cloud_weight(confidence, small, 0.3, 0.9)
-    assert cloud_weight(confidence, 2.0, 0.3, 0.9) == 0.0  # 7x likelier from private context
+@given(logprob_vectors, logprob_vectors)
+def test_private_shift_is_the_kl_divergence_of_local_from_public(local, public):
+    p = np.exp(local)
+    assert private_shift(local, public) == pytest.approx(
+        max(0.0, float(np.sum(p * (local - public)))), abs=1e-9)
+    assert private_shift(local, public) >= 0.0
+    assert private_shift(local, local) == pytest.approx(0.0, abs=1e-12)
 
 
-@given(logprob_vectors, logprob_vectors, st.integers(0, len(VOCAB) - 1))
-def test_private_lift_is_the_gain_of_the_local_choice_or_the_loss_of_the_clouds(
-        local, public, cloud_choice):
-    top = int(np.argmax(local))
-    assert private_lift(local, public) == pytest.approx(max(0.0, local[top] - public[top]))
-    both = private_lift(local, public, cloud_choice)
-    assert both >= private_lift(local, public)
-    if cloud_choice != top:
-        assert both >= public[cloud_choice] - local[cloud_choice] - 1e-12
-    assert private_lift(local, local, cloud_choice) == 0.0
+def test_private_shift_ignores_tokens_a_penalty_ruled_out():
+    local = np.array([np.log(0.5), np.log(0.5), -np.inf])  # the third banned
+    public = np.log(np.array([0.25, 0.25, 0.5]))
+    assert private_shift(local, public) == pytest.approx(np.log(2))
 
 
 @given(logprob_vectors, logprob_vectors, st.floats(0, 2))
@@ -183,9 +179,9 @@ def test_a_short_rest_of_the_clouds_token_backs_only_tokens_that_fit_what_follow
 
 
 def test_an_unsure_cloud_gets_less_weight():
-    assert cloud_weight(0.0, 0.0, 0.1, 0.9) == pytest.approx(0.1)
-    assert cloud_weight(1.0, 0.0, 0.1, 0.9) == pytest.approx(0.9)
-    assert cloud_weight(0.3, 0.0, 0.1, 0.9) < cloud_weight(0.9, 0.0, 0.1, 0.9)
+    assert cloud_weight(0.0, 0.1, 0.9) == pytest.approx(0.1)
+    assert cloud_weight(1.0, 0.1, 0.9) == pytest.approx(0.9)
+    assert cloud_weight(0.3, 0.1, 0.9) < cloud_weight(0.9, 0.1, 0.9)
 
 
 def test_realign_finds_the_replys_last_words_in_the_clouds_answer():

@@ -2,8 +2,11 @@
 
 At each position the SLM's distribution is ready first. If the cloud's stream has reached
 that point of the reply, its top-k is mapped onto the SLM vocabulary and fused, weighted
-by the router in fusion.cloud_weight. The reply waits for the cloud only where the local
-model is unsure, never at the first token, and at most `wait_budget_ms` in all.
+by its confidence (fusion.cloud_weight). Where they disagree, the router first asks whether
+the reply draws on the user's private context (fusion.private_shift): if it does, the
+cloud, which never saw that context, is left out of the rest of the reply. The reply waits
+for the cloud only where the local model is unsure, never at the first token, and at most
+`wait_budget_ms` in all.
 
 When the reply leaves the cloud's text, a cloud that can continue a partial reply is asked
 again from the new prefix, up to `max_requests` billed requests per reply; one that cannot
@@ -29,7 +32,7 @@ from floe_app.engine.fusion import (
     cloud_weight,
     fuse_log_linear,
     fuse_proxy_tuning,
-    private_lift,
+    private_shift,
     realign,
 )
 from floe_app.engine.redact import Redactor, safe_prefix
@@ -56,6 +59,9 @@ class FusionStats:
     fused: int = 0  # the cloud was there and disagreed: fusion decided
     absent: int = 0  # no cloud distribution in time: the SLM's token alone
     overruled: int = 0  # fusion chose another token than the SLM's own first choice
+    private: int = 0  # local alone: the reply draws on private context the cloud never saw
+    private_from: int = -1  # the token from which it did (-1: it never did)
+    private_shift: float = 0.0  # the largest KL (nats) the private context made, where checked
     requests: int = 0  # billed requests for this reply
     restarts: int = 0  # of which asked again after the reply left the cloud's text
     realigned: int = 0  # times the reply found its place in the cloud's answer again
@@ -67,10 +73,11 @@ class FusionStats:
     fusion_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
-        total = max(1, self.agreed + self.fused + self.absent)
+        total = max(1, self.agreed + self.fused + self.absent + self.private)
         return {
             "agreed": round(self.agreed / total, 3), "fused": round(self.fused / total, 3),
-            "absent": round(self.absent / total, 3),
+            "absent": round(self.absent / total, 3), "private": round(self.private / total, 3),
+            "private_from": self.private_from, "private_shift": round(self.private_shift, 2),
             "overruled": round(self.overruled / total, 3), "requests": self.requests,
             "restarts": self.restarts, "realigned": self.realigned,
             "waited_ms": round(self.waited_ms, 1), "bytes_sent": self.bytes_sent,
@@ -91,6 +98,19 @@ def common_prefix(a: bytes, b: bytes) -> int:
         i += 1
     return i
 
+# The reply's first tokens, whose private shift is checked at the first disagreement even
+# where the cloud was absent or agreed: the opening says what kind of answer it is.
+OPENING = 4
+
+
+@dataclass
+class PrivateCheck:
+    """The local model's next-token log-probabilities after the reply's tokens so far, with
+    and without the user's private context and adapter (two llama.cpp contexts)."""
+
+    with_private: Callable[[list[int]], np.ndarray]
+    without: Callable[[list[int]], np.ndarray]
+
 
 class FusedChooser:
     """Chooses each token of one reply from the SLM fused with the cloud's stream."""
@@ -98,7 +118,7 @@ class FusedChooser:
     def __init__(self, vocab: Vocabulary, client: CloudClient,
                  cloud_messages: list[dict[str, str]], redactor: Redactor,
                  settings: FusionSettings, sampling: Sampling, stats: FusionStats,
-                 public_logprobs: Callable[[list[int]], np.ndarray] | None = None,
+                 private: PrivateCheck | None = None,
                  recorder: Recorder | None = None,
                  tokenize: Callable[[str], list[int]] | None = None) -> None:
         self.vocab = vocab
@@ -109,8 +129,10 @@ class FusedChooser:
         self.settings = settings
         self.sampling = sampling
         self.stats = stats
-        # The SLM without the user's private context and adapter (None: it has neither).
-        self.public_logprobs = public_logprobs
+        self.private = private  # None: the local model has no private context or adapter
+        # The local distributions at the reply's first positions, until the private check
+        # has looked at them (position, log-probabilities).
+        self.opening: list[tuple[int, np.ndarray]] = []
         self.tokenize = tokenize  # the local tokenizer, to draft the cloud's text ahead
         self.notices: list[str] = []
         self.reply = b""
@@ -251,7 +273,45 @@ class FusedChooser:
                        + (f" ({stream.error})" if stream.error else ""))
         return candidates
 
+    def _draws_on_private(self, logprobs: np.ndarray, public: np.ndarray) -> bool:
+        """Whether the reply draws on the private context: it moves the local distribution
+        by private_kl nats or more (fusion.private_shift) here, at the local model's next
+        token, or at any of the reply's opening tokens not checked yet.
+
+        Checked at disagreements only (agreement needs no router). The opening and the
+        next token count because the cloud often disagrees first where the private context
+        does not show: a personal answer's first word is a plain one ("The") and the next
+        gives it away ("user's"), or its first word was the fact ("Biscotti") written
+        before the cloud's stream arrived.
+        """
+        assert self.private is not None
+        limit = self.settings.private_kl
+        shift = private_shift(logprobs, public)
+        while shift < limit and self.opening:
+            at, local = self.opening.pop()
+            shift = max(shift, private_shift(local, self.private.without(self.tokens[:at])))
+        top = int(np.argmax(logprobs))
+        if shift < limit and top not in self.vocab.end_ids:
+            ahead = [*self.tokens, top]
+            shift = max(shift, private_shift(self.private.with_private(ahead),
+                                             self.private.without(ahead)))
+        self.stats.private_shift = max(self.stats.private_shift, shift)
+        return shift >= limit
+
+    def _leave_cloud_out(self) -> None:
+        """The rest of this reply is the local model's: the cloud's view of it is uninformed,
+        so its stream is stopped and no more requests are billed."""
+        self.stats.private_from = len(self.tokens)
+        for stream in self.streams:
+            stream.cancel()
+        self.stream = None
+
     def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int:
+        if self.stats.private_from >= 0:
+            self.stats.private += 1
+            return sample_token(logprobs, self.sampling, rng)
+        if self.private is not None and len(self.tokens) < OPENING:
+            self.opening.append((len(self.tokens), logprobs))
         candidates = self._cloud_candidates(logprobs)
         if not candidates:
             self.stats.absent += 1
@@ -262,16 +322,21 @@ class FusedChooser:
         local_top = int(np.argmax(logprobs))
         best = max(candidates, key=lambda c: c[1])[0]
         agrees = bool(np.any(self.vocab.supporting(best) == local_top))
+        # Only a disagreement needs the private check (more local evaluations).
+        public = None if agrees or self.private is None else self.private.without(self.tokens)
+        if public is not None and self._draws_on_private(logprobs, public):
+            self._leave_cloud_out()
+            self.stats.private += 1
+            return sample_token(logprobs, self.sampling, rng)
         if self.settings.form == "proxy":
             # Without private context or an adapter the SLM is its own base: the cloud alone.
-            base = self.public_logprobs(self.tokens) if self.public_logprobs else logprobs
-            fused = fuse_proxy_tuning(cloud, logprobs, base, self.settings.beta)
+            if self.private is not None and public is None:
+                public = self.private.without(self.tokens)
+            fused = fuse_proxy_tuning(cloud, logprobs, logprobs if public is None else public,
+                                      self.settings.beta)
         else:
-            # Only a disagreement needs the private check (one more local evaluation).
-            lift = 0.0 if agrees or self.public_logprobs is None else private_lift(
-                logprobs, self.public_logprobs(self.tokens), int(np.argmax(cloud)))
             confidence = float(np.exp(max(lp for _, lp in candidates)))
-            weight = cloud_weight(confidence, lift, self.settings.lambda_min,
+            weight = cloud_weight(confidence, self.settings.lambda_min,
                                   self.settings.lambda_max)
             fused = fuse_log_linear(logprobs, cloud, weight)
         self.stats.fusion_ms.append((time.perf_counter() - started) * 1000)
