@@ -83,6 +83,7 @@ class FloeApp(App[None]):
         self.interrupted = session.interrupted
         self.warnings = warnings or []
         self.export_dir = export_dir or Path.cwd()
+        self._replying = False  # from ReplyStarted until ReplyEnded is shown
         self._reported: set[str] = set()  # plugin problems already shown
         self._training_timer: Timer | None = None
         self._seen_job: float | None = None  # when the last finished job was reported
@@ -101,7 +102,8 @@ class FloeApp(App[None]):
 
     @property
     def generating(self) -> bool:
-        return self.chat_pane.generating
+        """A reply is being written, or its end is not shown yet (status line, sidebar)."""
+        return self.chat_pane.generating or self._replying
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
@@ -205,14 +207,18 @@ class FloeApp(App[None]):
     # Replies and commands
 
     def on_chat_pane_reply_started(self) -> None:
+        self._replying = True
         self.query_one(StatusBar).state = "replying… (Esc to stop)"
 
     async def on_chat_pane_reply_ended(self, message: ChatPane.ReplyEnded) -> None:
-        status = self.query_one(StatusBar)
-        status.state = ""
-        if message.stats is not None:
-            status.last_stats = message.stats
-        await self.refresh_sidebar()
+        try:
+            status = self.query_one(StatusBar)
+            status.state = ""
+            if message.stats is not None:
+                status.last_stats = message.stats
+            await self.refresh_sidebar()
+        finally:
+            self._replying = False
 
     def on_chat_pane_command_ran(self, message: ChatPane.CommandRan) -> None:
         self.report_plugin_problems()
