@@ -324,7 +324,6 @@ class FloeApp(App[None]):
             return
         view.rating = None if view.rating == rating else rating  # pressing again undoes it
         self.session.learning.rate(view.message_id, view.rating)
-        view.refresh_heading()
         self.schedule_training()
 
     def action_correct_reply(self) -> None:
@@ -340,7 +339,6 @@ class FloeApp(App[None]):
                 return
             self.session.learning.correct(view.message_id, text)
             view.corrected = True
-            view.refresh_heading()
             self.notify("Saved: Floe learns your version of this reply.")
             self.schedule_training()
 

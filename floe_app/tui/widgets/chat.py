@@ -6,6 +6,7 @@ import threading
 
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.reactive import reactive
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
@@ -18,7 +19,12 @@ STATUS_NOTES = {"interrupted": "interrupted: Floe stopped before this reply fini
 
 
 class MessageView(Vertical):
-    """A message's author line and its Markdown body."""
+    """A message's author line and its Markdown body; the author line follows the status,
+    rating and correction as they change."""
+
+    status: reactive[str] = reactive("complete", init=False)
+    rating: reactive[int | None] = reactive(None, init=False)
+    corrected: reactive[bool] = reactive(False, init=False)
 
     def __init__(self, role: str, content: str = "", status: str = "complete",
                  message_id: int | None = None, rating: int | None = None,
@@ -26,10 +32,10 @@ class MessageView(Vertical):
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
-        self.status = status
+        self.set_reactive(MessageView.status, status)
         self.message_id = message_id  # known once the reply is stored
-        self.rating = rating
-        self.corrected = corrected
+        self.set_reactive(MessageView.rating, rating)
+        self.set_reactive(MessageView.corrected, corrected)
         # For a reply: whether the message it answers reached the database.
         self.saved_user_message = False
         # While a reply streams: text from the reply thread, shown on the app's frame clock.
@@ -50,12 +56,17 @@ class MessageView(Vertical):
         shown = ", ".join(n for n in notes if n)
         return ROLE_NAMES.get(self.role, self.role) + (f"  ({shown})" if shown else "")
 
-    def set_status(self, status: str) -> None:
-        self.status = status
-        self.refresh_heading()
+    def watch_status(self, status: str) -> None:
+        self._show_heading()
         self.set_class(status != "complete", "unfinished")
 
-    def refresh_heading(self) -> None:
+    def watch_rating(self) -> None:
+        self._show_heading()
+
+    def watch_corrected(self) -> None:
+        self._show_heading()
+
+    def _show_heading(self) -> None:
         self.query_one(".author", Label).update(self._heading())
 
     @property

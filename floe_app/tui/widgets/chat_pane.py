@@ -224,9 +224,9 @@ class ChatPane(Vertical):
                 await view.end_stream()
                 if isinstance(event, Finished):
                     view.message_id = event.message_id
-                    view.set_status(event.status)
+                    view.status = event.status
                 else:
-                    view.set_status("error")
+                    view.status = "error"
                     await chat.add_notice(f"**Could not reply:** {event.error}")
                     if not view.saved_user_message and not self.prompt.text:
                         self.prompt.text = message.text
