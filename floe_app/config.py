@@ -229,14 +229,14 @@ class FusionSettings:
                          "how distributions combine: weighted log-linear, or proxy-tuning"),
     )
     lambda_min: float = field(
-        default=0.3,
+        default=0.6,
         metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
                        "cloud weight where the cloud is unsure"),
     )
     lambda_max: float = field(
-        default=0.9,
+        default=1.0,
         metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
-                       "cloud weight where the cloud is sure and nothing private is at stake"),
+                       "cloud weight where the cloud is sure (1: a sure cloud decides)"),
     )
     private_kl: float = field(
         default=2.0,

@@ -31,6 +31,7 @@ from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats, Priva
 from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback, resolve_model_path
 from floe_app.engine.probe import probe
 from floe_app.engine.profiles import CloudProfile, ProfileCache
+from floe_app.engine.provenance import Spans, extend
 from floe_app.engine.redact import Redactor, Restorer, private_terms
 from floe_app.engine.sampling import Sampling, sampling_from_settings
 from floe_app.errors import FloeError, ModelError
@@ -554,6 +555,7 @@ class ChatSession:
                 while shown < len(chooser.notices):
                     yield Notice(chooser.notices[shown])
                     shown += 1
+                run.source = step.source
                 yield step.text
             while shown < len(chooser.notices):
                 yield Notice(chooser.notices[shown])
@@ -621,6 +623,7 @@ class ChatSession:
                     if not text:
                         continue
                     parts.append(text)
+                    extend(run.provenance, len(text), run.source)
                     yield Delta(text)
                     if time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
                         self.store.update_message(reply_id, content="".join(parts))
@@ -671,6 +674,8 @@ class ReplyRun:
     fusion: FusionStats | None = None
     public_messages: list[dict[str, str]] = field(default_factory=list)
     recorder: Recorder | None = None
+    source: str = "local"  # where the text being written came from (provenance.py)
+    provenance: Spans = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         stats = self.stats
@@ -694,6 +699,7 @@ class ReplyRun:
                     "acceptance": round(stats.accepted / max(1, stats.drafted), 3),
                     "scoring_ms": round(stats.scoring_s * 1000, 1),
                     "decoding_ms": round(stats.decoding_s * 1000, 1)}
+                summary["provenance"] = self.provenance
         return summary
 
 

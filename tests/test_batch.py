@@ -31,6 +31,8 @@ class ScriptedDraft:
     """Proposes a fixed continuation as the draft; otherwise greedy. Keeps each step's
     distribution, to tell a logic error from llama.cpp's rounding."""
 
+    source = "local"
+
     def __init__(self, script: list[int], cancel: threading.Event | None = None,
                  cancel_at: int = -1) -> None:
         self.script = script
@@ -59,6 +61,8 @@ def greedy(engine, prompt, n, chooser=None):
     engine.clear_cache()
     steps = list(engine.generate(prompt, Sampling(temperature=0, max_tokens=n), None, stats,
                                  chooser))
+    # Every token taken from a batch says so, for the provenance tint; no other does.
+    assert sum(s.source == "batch" for s in steps) == stats.accepted
     return [s.token for s in steps if s.token >= 0], stats, chooser
 
 

@@ -6,6 +6,7 @@ SmolLM2 on-device model). Every fault is injected on the wire by tests.support.p
 
 import json
 import os
+import re
 import threading
 
 import pytest
@@ -42,11 +43,15 @@ def test_fused_reply_uses_the_cloud_and_records_every_request(make_session, clou
     cloud_config.fusion.deadline_ms = 2000  # wait for the cloud at unsure tokens: it must show
     cloud_config.fusion.wait_budget_ms = 60_000
     cloud_config.fusion.sure_prob = 1.0  # ... even where the local model is sure
+    cloud_config.fusion.first_token_ms = 30_000  # a busy machine's stand-in starts slowly
     session = make_session(cloud_config)
     cid, done, _ = reply(session)
     cloud = done.stats["cloud"]
     assert done.status == "complete" and done.text.strip()
     assert cloud["requests"] >= 1 and cloud["agreed"] + cloud["fused"] > 0
+    # The reply ends where the local model's turn does, not where the base-model cloud's
+    # transcript would go on ("You are Floe, ...", "User: ...").
+    assert "User:" not in done.text and "You are Floe" not in done.text
     assert abs(cloud["agreed"] + cloud["fused"] + cloud["absent"] - 1) < 0.01
     assert cloud["bytes_sent"] > 0 and cloud["bytes_received"] > 0
     rows = store.ledger()
@@ -59,6 +64,12 @@ def test_fused_reply_uses_the_cloud_and_records_every_request(make_session, clou
     assert sum(r.bytes_sent for r in rows) == cloud["bytes_sent"]
     assert all(QUESTION in r.text_sent for r in rows)
     assert store.messages(cid)[-1].content == done.text
+    # Its provenance covers the text, and shows the cloud wherever it took part.
+    spans = store.messages(cid)[-1].stats["provenance"]
+    assert sum(n for n, _ in spans) == len(done.text)
+    from_cloud = {s for _, s in spans} & {"agreed", "overruled", "batch"}
+    assert not from_cloud or cloud["agreed"] + cloud["overruled"] > 0
+    assert from_cloud or cloud["agreed"] + cloud["overruled"] < 0.2
 
 
 def test_first_token_never_waits_for_the_cloud(make_session, cloud_config, proxy):
@@ -202,6 +213,16 @@ def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):
     assert json.loads(local.stdout)["stats"]["mode"] == "local"
     assert len(json.loads(run_floe("ledger", "--json", env_home=home).stdout)) == len(everything)
     assert os.environ.get("FLOE_CLOUD_BASE_URL") is None  # nothing leaked into this process
+    # Where each stretch came from, as `floe history show --provenance` tells it (piped: tags).
+    reply_text = json.loads(result.stdout)["text"]
+    spans = stats["provenance"]
+    assert sum(n for n, _ in spans) == len(reply_text)
+    shown = run_floe("history", "show", "1", "--provenance", env_home=home).stdout
+    assert "agreed = the cloud agreed with the local model" in shown
+    assert "## Floe (fused: " in shown and "## You" in shown and QUESTION in shown
+    untagged = re.sub(r"\[(agreed|overruled|batch|private): (.*?)\]", r"\2", shown, flags=re.S)
+    assert reply_text.strip() in untagged
+    assert ("[" in shown.split("## Floe", 1)[1]) == any(s != "local" for _, s in spans)
 
 
 def test_private_context_reaches_the_local_model_only(make_session, cloud_config, store):

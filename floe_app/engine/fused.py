@@ -102,6 +102,9 @@ def common_prefix(a: bytes, b: bytes) -> int:
 # where the cloud was absent or agreed: the opening says what kind of answer it is.
 OPENING = 4
 
+# Where the local model would rather end its turn than anything else, the reply ends.
+END_SURE = 0.5
+
 
 @dataclass
 class PrivateCheck:
@@ -130,6 +133,7 @@ class FusedChooser:
         self.sampling = sampling
         self.stats = stats
         self.private = private  # None: the local model has no private context or adapter
+        self.source = "local"  # where the last chosen token came from (provenance.py)
         # The local distributions at the reply's first positions, until the private check
         # has looked at them (position, log-probabilities).
         self.opening: list[tuple[int, np.ndarray]] = []
@@ -307,11 +311,19 @@ class FusedChooser:
         self.stream = None
 
     def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int:
+        self.source = "local"
         if self.stats.private_from >= 0:
             self.stats.private += 1
+            self.source = "private"
             return sample_token(logprobs, self.sampling, rng)
         if self.private is not None and len(self.tokens) < OPENING:
             self.opening.append((len(self.tokens), logprobs))
+        local_top = int(np.argmax(logprobs))
+        if local_top in self.vocab.end_ids and float(np.exp(logprobs[local_top])) >= END_SURE:
+            # The local model knows where its turn ends; a cloud's end is not always there
+            # (a base model behind a raw prompt writes the transcript on: "User: ...").
+            self.stats.absent += 1
+            return local_top
         candidates = self._cloud_candidates(logprobs)
         if not candidates:
             self.stats.absent += 1
@@ -319,7 +331,6 @@ class FusedChooser:
         started = time.perf_counter()
         probs = np.exp(logprobs)
         cloud = cloud_distribution(self.vocab, logprobs, candidates, probs)
-        local_top = int(np.argmax(logprobs))
         best = max(candidates, key=lambda c: c[1])[0]
         agrees = bool(np.any(self.vocab.supporting(best) == local_top))
         # Only a disagreement needs the private check (more local evaluations).
@@ -327,6 +338,7 @@ class FusedChooser:
         if public is not None and self._draws_on_private(logprobs, public):
             self._leave_cloud_out()
             self.stats.private += 1
+            self.source = "private"
             return sample_token(logprobs, self.sampling, rng)
         if self.settings.form == "proxy":
             # Without private context or an adapter the SLM is its own base: the cloud alone.
@@ -347,6 +359,9 @@ class FusedChooser:
         token = sample_token(fused, self.sampling, rng)
         if token != local_top:
             self.stats.overruled += 1
+            self.source = "overruled"
+        elif agrees:
+            self.source = "agreed"
         return token
 
     def draft(self, limit: int) -> list[int]:

@@ -128,15 +128,19 @@ def patched_model_params(progress: ProgressCallback | None = None) -> Iterator[N
 
 @dataclass
 class TokenStep:
-    """One generated token: its id, the text it completes (may be empty mid-character)."""
+    """One generated token: its id, the text it completes (may be empty mid-character), and
+    where it came from (engine/provenance.py)."""
 
     token: int
     text: str
     logprob: float
+    source: str = "local"
 
 
 class TokenChooser(Protocol):
     """Picks each next token; the fused decoder is one, plain sampling another."""
+
+    source: str  # where the last chosen token came from (engine/provenance.py)
 
     def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int: ...
 
@@ -151,6 +155,7 @@ class TokenChooser(Protocol):
 @dataclass
 class SamplingChooser:
     sampling: Sampling
+    source: str = "local"
 
     def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int:
         return sample_token(logprobs, self.sampling, rng)
@@ -469,9 +474,11 @@ class LocalEngine:
                 logits = penalize(scored.pop(0), generated, sampling, self.is_dry_breaker)
                 logprobs = log_softmax(logits)
                 token = chooser.choose(logprobs, rng)
+                source = chooser.source
                 if drafted:
                     # The rows after this one assume the draft's token here.
                     accepted = token == drafted.pop(0)
+                    source = "batch" if accepted else source
                     accept_rate = 0.8 * accept_rate + 0.2 * accepted
                     stats.accepted += accepted
                     if not accepted:
@@ -484,7 +491,7 @@ class LocalEngine:
                 generated.append(token)
                 piece = self._llm.detokenize([token])
                 chooser.accept(token, piece)
-                yield TokenStep(token, decoder.decode(piece), float(logprobs[token]))
+                yield TokenStep(token, decoder.decode(piece), float(logprobs[token]), source)
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield TokenStep(-1, tail, 0.0)

@@ -24,8 +24,13 @@ class StatusBar(Static):
             parts.append(f"{stats.get('tokens', 0)} tokens")
             cloud = stats.get("cloud")
             if cloud and stats.get("mode") == "fused":
+                if cloud.get("private_from", -1) >= 0:
+                    parts.append("private: the cloud was left out")
                 parts.append(f"cloud agreed {cloud['agreed']:.0%} fused {cloud['fused']:.0%}"
                              f" absent {cloud['absent']:.0%}, {cloud['requests']} requests")
+                batches = cloud.get("batches") or {}
+                if batches.get("count"):
+                    parts.append(f"{batches['accepted']:.0%} from batches")
         if self.learning:
             parts.append(self.learning)
         if self.state:
