@@ -323,7 +323,7 @@ class FusedChooser:
             # The local model knows where its turn ends; a cloud's end is not always there
             # (a base model behind a raw prompt writes the transcript on: "User: ...").
             self.stats.absent += 1
-            return local_top
+            return sample_token(logprobs, self.sampling, rng)
         candidates = self._cloud_candidates(logprobs)
         if not candidates:
             self.stats.absent += 1
