@@ -565,8 +565,10 @@ def print_sync_status(paths: Paths, config: Config, as_json: bool) -> int:
         print(json.dumps({"running": state is not None, "pid": state and state.pid,
                           "address": state and state.address, "rank": state and state.rank,
                           "uploads": summary.uploads, "epsilon": summary.epsilon,
-                          "delta": config.federation.delta, "rounds": summary.rounds,
-                          "shared": summary.shared, "stopped": summary.stopped,
+                          "delta": config.federation.delta,
+                          "rounds": [vars(r) for r in summary.rounds],
+                          "shared": summary.shared and vars(summary.shared),
+                          "stopped": summary.stopped,
                           "privacy": summary.statement(),
                           "policy": summary.policy[1].to_json() if summary.policy else None}))
         return 0

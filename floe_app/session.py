@@ -43,7 +43,7 @@ from floe_app.personalize.status import (
 )
 from floe_app.plugins import Command, Plugins
 from floe_app.store import Conversation, Message, Store
-from floe_app.store.db import AdapterRow
+from floe_app.store.db import AdapterRow, SharedAdapter
 
 # How often a streaming reply is saved: what a crash can lose at most.
 FLUSH_INTERVAL_S = 0.2
@@ -305,7 +305,7 @@ class ChatSession:
                     break
                 except ModelError as exc:
                     if shared is not None:  # try again without the shared part
-                        self._refused_shared.add(shared["id"])
+                        self._refused_shared.add(shared.id)
                         notices.append(f"The shared adapter cannot be used: {exc}.")
                         continue
                     if row is None:  # removing an adapter failed: nothing to fall back to
@@ -320,7 +320,7 @@ class ChatSession:
         return notices
 
     def _adapter_path(self, row: AdapterRow | None,
-                      notices: list[str]) -> tuple[Path | None, dict[str, Any] | None]:
+                      notices: list[str]) -> tuple[Path | None, SharedAdapter | None]:
         """The file to apply for personal version `row` and the shared adapter used."""
         personal = Path(row.path) if row is not None else None
         shared = self.registry.latest_shared(exclude=self._refused_shared)
@@ -329,7 +329,7 @@ class ChatSession:
         try:
             return self.registry.composed(row, shared), shared
         except FloeError as exc:
-            self._refused_shared.add(shared["id"])
+            self._refused_shared.add(shared.id)
             notices.append(f"The shared adapter cannot be used: {exc}.")
             return personal, None
 
@@ -734,9 +734,9 @@ def export_conversation(conversation: Conversation, messages: list[Message],
     return path
 
 
-def _using(row: AdapterRow | None, shared: dict[str, Any] | None) -> str:
+def _using(row: AdapterRow | None, shared: SharedAdapter | None) -> str:
     personal = f"adapter v{row.version}" if row is not None else None
-    common = (f"the shared adapter (round {shared['round'] or 'final'})"
+    common = (f"the shared adapter (round {shared.round or 'final'})"
               if shared is not None else None)
     if personal is None and common is None:
         return "Now using the base model without an adapter."

@@ -118,7 +118,7 @@ def test_opted_out_device_uploads_nothing_and_says_why(paths, config, store, eng
     with pytest.raises(client.Declined, match="not opted in"):
         client.take_part(paths, Path("unused.gguf"), plan_for(engine), shared_arrays(engine), 4)
     [row] = store.federation_rounds()
-    assert row["outcome"] == "declined" and "not opted in" in row["reason"]
+    assert row.outcome == "declined" and "not opted in" in row.reason
     assert store.ledger() == []
 
 
@@ -157,7 +157,7 @@ def test_an_upload_is_recorded_in_the_ledger_before_it_leaves(store, engine):
     assert entry.purpose == "federated" and entry.bytes_sent == 576 * 8 * 4
     assert entry.text_sent.startswith("no text:") and "epsilon now 4.73" in entry.text_sent
     [row] = store.federation_rounds()
-    assert (row["outcome"], row["epsilon"], row["rank"]) == ("uploaded", 4.73, 4)
+    assert (row.outcome, row.epsilon, row.rank) == ("uploaded", 4.73, 4)
 
 
 # The shared adapter in the chat: composed with the personal one
@@ -436,7 +436,7 @@ def test_a_declined_federation_says_why_and_status_shows_its_privacy(paths, conf
     with pytest.raises(client.Declined, match=r"privacy settings: federation\.require"):
         client.take_part(paths, bundled_model_path(), plan, shared_arrays(engine), 4)
     [row] = store.federation_rounds()
-    assert row["outcome"] == "declined" and "formal_dp" in row["reason"]
+    assert row.outcome == "declined" and "formal_dp" in row.reason
     assert store.ledger() == []
     assert main(["sync", "status"]) == 0
     out = capsys.readouterr().out

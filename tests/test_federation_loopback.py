@@ -189,7 +189,7 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
     for home, rank in zip(homes, (4, 8, 16), strict=True):
         store = Store(home / "data" / "floe.db")
         # Each device keeps the final shared adapter, cut to its own rank.
-        kept = read_gguf_adapter(Path(store.shared_adapters()[-1]["path"])).tensors
+        kept = read_gguf_adapter(Path(store.shared_adapters()[-1].path)).tensors
         np.testing.assert_allclose(kept["blk.0.attn_v.weight.lora_b"],
                                    final_arrays["layers.0.self_attn.v_proj.B"][:, :rank])
         np.testing.assert_allclose(kept["blk.0.attn_v.weight.lora_a"],

@@ -191,14 +191,14 @@ def test_tls_device_keys_refusals_and_a_device_killed_mid_round(tmp_path, base_c
 
     store = Store(alice / "data" / "floe.db")
     try:
-        uploads = [r["round"] for r in store.federation_rounds()
-                   if r["outcome"] == "uploaded"]
+        uploads = [r.round for r in store.federation_rounds()
+                   if r.outcome == "uploaded"]
         assert uploads == [1]  # round 2 was killed before anything was trained or sent
         rows = store.shared_adapters()
-        assert rows and all(file_problem(Path(r["path"]), r["size"], r["sha256"]) is None
+        assert rows and all(file_problem(Path(r.path), r.size, r.sha256) is None
                             for r in rows)
         latest = Registry(store, alice / "data" / "adapters").latest_shared()
-        assert latest is not None and latest["round"] == 2
+        assert latest is not None and latest.round == 2
         assert not (alice / "data" / "shared" / "incoming.gguf").exists()
     finally:
         store.close()

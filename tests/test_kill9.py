@@ -72,7 +72,7 @@ def test_a_shared_adapter_killed_while_written_is_never_used_half_written(tmp_pa
         try:
             registry = Registry(store, home / "adapters")
             for row in store.shared_adapters():  # every recorded adapter is whole
-                assert file_problem(Path(row["path"]), row["size"], row["sha256"]) is None
+                assert file_problem(Path(row.path), row.size, row.sha256) is None
             latest = registry.latest_shared()
             if latest is not None:
                 adapter = read_gguf_adapter(registry.composed(None, latest))
@@ -84,7 +84,7 @@ def test_a_shared_adapter_killed_while_written_is_never_used_half_written(tmp_pa
     # Files a kill left behind (incoming.gguf.partial, a renamed file not yet recorded)
     # are never recorded, so never used; the next round's write replaces them.
     store = Store(home / "floe.db")
-    recorded = {row["path"] for row in store.shared_adapters()}
+    recorded = {row.path for row in store.shared_adapters()}
     store.close()
     for path in (home / "shared").iterdir():
         assert str(path) in recorded or path.name in ("incoming.gguf", "incoming.gguf.partial") \

@@ -109,8 +109,8 @@ def shareable(config: Config, replies: list[TaughtReply]) -> list[TaughtReply]:
 def spent_multipliers(store: Store) -> list[float]:
     """The noise multipliers of the DP releases this device's uploads were part of (uploads
     without DP noise spend no epsilon: they have no formal guarantee at all)."""
-    return [float(r["noise_multiplier"]) for r in store.federation_rounds()
-            if r["outcome"] == "uploaded" and (r["noise_multiplier"] or 0.0) > 0]
+    return [float(r.noise_multiplier) for r in store.federation_rounds()
+            if r.outcome == "uploaded" and (r.noise_multiplier or 0.0) > 0]
 
 
 def policy_problem(policy: privacy.Policy, federation: FederationSettings) -> str | None:
@@ -197,7 +197,7 @@ def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: Roun
     digest = sha256_of(staged)
     target = folder / f"shared-{digest[:16]}.gguf"
     staged.replace(target)
-    if not any(row["sha256"] == digest for row in store.shared_adapters()):
+    if not any(row.sha256 == digest for row in store.shared_adapters()):
         store.add_shared_adapter(federation=plan.federation, run_id=str(plan.run_id),
                                  round_number=plan.round, path=str(target), sha256=digest,
                                  size=target.stat().st_size, rank=rank,

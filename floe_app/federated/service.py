@@ -26,7 +26,7 @@ from typing import Any
 from floe_app.config import Config
 from floe_app.errors import FloeError
 from floe_app.paths import Paths
-from floe_app.store.db import pid_alive
+from floe_app.store.db import FederationRound, SharedAdapter, pid_alive
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -220,25 +220,25 @@ class SyncSummary:
     """What `floe sync status` and the settings screen show."""
 
     state: SyncState | None
-    rounds: list[dict]
-    shared: dict | None
+    rounds: list[FederationRound]
+    shared: SharedAdapter | None
     policy: tuple[str, Any] | None = None  # (federation, privacy.Policy) last received
     stopped: str | None = None  # why the service stopped on its own (sync_stopped)
 
     @property
     def uploads(self) -> int:
-        return sum(r["outcome"] == "uploaded" for r in self.rounds)
+        return sum(r.outcome == "uploaded" for r in self.rounds)
 
     @property
     def epsilon(self) -> float:
         """Epsilon spent by the uploads that were part of a DP release."""
-        spent = [r["epsilon"] for r in self.rounds
-                 if r["outcome"] == "uploaded" and r["epsilon"] is not None]
+        spent = [r.epsilon for r in self.rounds
+                 if r.outcome == "uploaded" and r.epsilon is not None]
         return float(spent[-1]) if spent else 0.0
 
     @property
     def uploads_without_dp(self) -> int:
-        return sum(r["outcome"] == "uploaded" and not (r["noise_multiplier"] or 0) > 0
+        return sum(r.outcome == "uploaded" and not (r.noise_multiplier or 0) > 0
                    for r in self.rounds)
 
     def statement(self) -> str:
@@ -260,11 +260,11 @@ class SyncSummary:
                  f" or refused; privacy spent: epsilon {self.epsilon:.2f} at delta {delta:g}"
                  + (f" ({self.uploads_without_dp} uploads without DP noise: no formal"
                     " guarantee for them)" if self.uploads_without_dp else "")]
-        if self.rounds and self.rounds[-1]["outcome"] != "uploaded":
-            lines.append(f"Last: {self.rounds[-1]['outcome']}: {self.rounds[-1]['reason']}")
+        if self.rounds and self.rounds[-1].outcome != "uploaded":
+            lines.append(f"Last: {self.rounds[-1].outcome}: {self.rounds[-1].reason}")
         if self.shared:
-            lines.append(f"Shared adapter: round {self.shared['round'] or 'final'} of"
-                         f" {self.shared['federation']}, rank {self.shared['rank']}")
+            lines.append(f"Shared adapter: round {self.shared.round or 'final'} of"
+                         f" {self.shared.federation}, rank {self.shared.rank}")
         lines.append(self.statement())
         return lines
 

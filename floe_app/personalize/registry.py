@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from floe_app.errors import FloeError
-from floe_app.store.db import AdapterRow, Store
+from floe_app.store.db import AdapterRow, SharedAdapter, Store
 
 
 def sha256_of(path: Path) -> str:
@@ -89,21 +89,21 @@ class Registry:
 
     # Shared adapters (from federated rounds): composed with the personal version
 
-    def latest_shared(self, exclude: Collection[int] = ()) -> dict[str, Any] | None:
-        rows = [r for r in self.store.shared_adapters() if r["id"] not in exclude]
+    def latest_shared(self, exclude: Collection[int] = ()) -> SharedAdapter | None:
+        rows = [r for r in self.store.shared_adapters() if r.id not in exclude]
         return rows[-1] if rows else None
 
-    def composed(self, personal: AdapterRow | None, shared: dict[str, Any]) -> Path:
+    def composed(self, personal: AdapterRow | None, shared: SharedAdapter) -> Path:
         """One adapter file applying both (ranks stacked: exact), built once and kept.
 
         Raises FloeError if the shared file is damaged or made for another base."""
-        shared_path = Path(shared["path"])
-        why = file_problem(shared_path, shared["size"], shared["sha256"])
+        shared_path = Path(shared.path)
+        why = file_problem(shared_path, shared.size, shared.sha256)
         if why is not None:
             raise FloeError(why)
         if personal is None:
             return shared_path
-        target = self.folder / f"composed-{personal.sha256[:12]}-{shared['sha256'][:12]}.gguf"
+        target = self.folder / f"composed-{personal.sha256[:12]}-{shared.sha256[:12]}.gguf"
         if target.exists():
             return target
         from floe_app.personalize.export import (

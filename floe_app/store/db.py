@@ -97,6 +97,41 @@ class AdapterRow:
 
 
 @dataclass
+class FederationRound:
+    """A federated round this device took part in or declined, and its privacy cost."""
+
+    id: int
+    created_at: str
+    federation: str
+    run_id: str | None
+    round: int | None
+    rank: int | None
+    examples: int | None
+    bytes_sent: int | None
+    noise_multiplier: float | None
+    clip_norm: float | None
+    epsilon: float | None  # spent by this device after this upload
+    outcome: str  # uploaded | declined | refused
+    reason: str | None
+
+
+@dataclass
+class SharedAdapter:
+    """A shared adapter received from a federation, at this device's rank."""
+
+    id: int
+    created_at: str
+    federation: str
+    run_id: str | None
+    round: int | None  # None: the final one
+    path: str
+    sha256: str
+    size: int
+    rank: int
+    base_model: str
+
+
+@dataclass
 class SearchHit:
     message_id: int
     conversation_id: int
@@ -383,9 +418,10 @@ class Store:
                 "epsilon": epsilon, "outcome": outcome, "reason": reason})
         return int(table.last_pk)
 
-    def federation_rounds(self) -> list[dict[str, Any]]:
+    def federation_rounds(self) -> list[FederationRound]:
         with self._guard():
-            return list(self.db.query("select * from federation_rounds order by id"))
+            rows = self.db.query("select * from federation_rounds order by id")
+            return [FederationRound(**row) for row in rows]
 
     def add_shared_adapter(self, *, federation: str, run_id: str | None, round_number: int | None,
                            path: str, sha256: str, size: int, rank: int,
@@ -397,9 +433,10 @@ class Store:
                 "base_model": base_model})
         return int(table.last_pk)
 
-    def shared_adapters(self) -> list[dict[str, Any]]:
+    def shared_adapters(self) -> list[SharedAdapter]:
         with self._guard():
-            return list(self.db.query("select * from shared_adapters order by id"))
+            rows = self.db.query("select * from shared_adapters order by id")
+            return [SharedAdapter(**row) for row in rows]
 
     # Privacy ledger
 
