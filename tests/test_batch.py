@@ -138,7 +138,7 @@ def test_cancel_in_the_middle_of_a_batch_stops_and_leaves_the_cache_usable(engin
     assert again == plain
 
 
-def chooser_with(text: bytes, tokenize, finished=False, known=None):
+def chooser_with(text: bytes, tokenize, finished=False, known=None, vocab=None):
     stream = CloudStream(CloudTarget("http://x/v1", "m"))
     stream.profile = PRESETS["llama-cpp-python"]
     stream.tokens = [CloudToken(0, text, ((text, -0.1),))]
@@ -152,7 +152,7 @@ def chooser_with(text: bytes, tokenize, finished=False, known=None):
         def stream(self, *args, **kwargs):
             return stream
 
-    chooser = FusedChooser(None, Client(), [], Redactor(), FusionSettings(),
+    chooser = FusedChooser(vocab, Client(), [], Redactor(), FusionSettings(),
                            Sampling(temperature=0), FusionStats(), tokenize=tokenize)
     return chooser
 
@@ -217,6 +217,26 @@ def test_fused_replies_take_the_clouds_tokens_in_batches(store, config, engine, 
         assert done.stats["cloud"]["requests"] <= config.fusion.max_requests
         taken.append(batches["accepted"])
     assert max(taken) >= 0.3, taken  # a good part of a reply came from batches
+
+
+def test_a_stream_that_broke_partway_is_used_up_to_the_break_then_the_reply_goes_on(engine):
+    """The cloud sent half its answer, then the connection broke: the half is taken in
+    batches, then the reply goes on locally to its end, with one notice."""
+    prompt = engine.chat_tokens([{"role": "user", "content": "Write two sentences about "
+                                                              "the sea."}])
+    plain, _, plain_chooser = greedy(engine, prompt, 24)
+    half = engine.detokenize(plain[:12]).encode()  # the cloud's (= the local) answer, cut
+    chooser = chooser_with(half, lambda text: engine.tokenize(text, special=False),
+                           vocab=engine.vocabulary())
+    chooser.stream.outcome, chooser.stream.error = "broken_stream", "Connection reset"
+    reply, stats, _ = greedy(engine, prompt, 24, chooser)
+    assert stats.batches >= 1 and stats.accepted >= 6  # the half that came, in batches
+    assert same_or_near_tie(plain, plain_chooser.seen, reply) >= 10
+    assert stats.finish_reason in ("stop", "length")  # to its end, not cut at the break
+    assert chooser.stats.breaker.startswith("the cloud's stream broke off")
+    assert chooser.notices == [f"Cloud off for the rest of this reply: {chooser.stats.breaker}."]
+    assert chooser.stats.agreed + chooser.stats.fused == 12  # the half, then local to the end
+    assert chooser.stats.absent >= 1
 
 
 def test_no_request_is_repeated_without_more_of_the_reply_to_send():
