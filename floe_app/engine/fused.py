@@ -17,6 +17,7 @@ with a notice.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,13 +107,31 @@ OPENING = 4
 END_SURE = 0.5
 
 
-@dataclass
 class PrivateCheck:
     """The local model's next-token log-probabilities after the reply's tokens so far, with
     and without the user's private context and adapter (two llama.cpp contexts)."""
 
-    with_private: Callable[[list[int]], np.ndarray]
-    without: Callable[[list[int]], np.ndarray]
+    def __init__(self, with_private: Callable[[list[int]], np.ndarray],
+                 without: Callable[[list[int]], np.ndarray]) -> None:
+        self.with_private = with_private
+        self._without = without
+        self._seen: dict[tuple[int, ...], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def without(self, done: list[int]) -> np.ndarray:
+        key = tuple(done)
+        with self._lock:
+            if key not in self._seen:
+                if len(self._seen) > 2 * OPENING:
+                    self._seen.clear()
+                self._seen[key] = self._without(done)
+            return self._seen[key]
+
+    def warm(self) -> None:
+        """Read the prompt without private context now, in the background, while the local
+        model reads its own: a first-token check then costs no prompt reading."""
+        threading.Thread(target=self.without, args=([],), daemon=True,
+                         name="floe-public-prompt").start()
 
 
 class FusedChooser:
@@ -282,20 +301,22 @@ class FusedChooser:
         by private_kl nats or more (fusion.private_shift) here, at the local model's next
         token, or at any of the reply's opening tokens not checked yet.
 
-        Checked at disagreements only (agreement needs no router). The opening and the
-        next token count because the cloud often disagrees first where the private context
-        does not show: a personal answer's first word is a plain one ("The") and the next
-        gives it away ("user's"), or its first word was the fact ("Biscotti") written
-        before the cloud's stream arrived.
+        Checked at disagreements only (agreement needs no router). In the opening, the
+        opening's earlier tokens and the next one count too, because the cloud often
+        disagrees first where the private context does not show: a personal answer's first
+        word is a plain one ("The") and the next gives it away ("user's"), or its first word
+        was the fact ("Biscotti") written before the cloud's stream arrived. Later, the
+        position itself tells (the local model is about to write the private fact there).
         """
         assert self.private is not None
         limit = self.settings.private_kl
         shift = private_shift(logprobs, public)
         while shift < limit and self.opening:
             at, local = self.opening.pop()
-            shift = max(shift, private_shift(local, self.private.without(self.tokens[:at])))
+            if at < len(self.tokens):  # (this position is the one just measured)
+                shift = max(shift, private_shift(local, self.private.without(self.tokens[:at])))
         top = int(np.argmax(logprobs))
-        if shift < limit and top not in self.vocab.end_ids:
+        if shift < limit and len(self.tokens) < OPENING and top not in self.vocab.end_ids:
             ahead = [*self.tokens, top]
             shift = max(shift, private_shift(self.private.with_private(ahead),
                                              self.private.without(ahead)))
