@@ -229,9 +229,10 @@ class FusionSettings:
                          "how distributions combine: weighted log-linear, or proxy-tuning"),
     )
     lambda_min: float = field(
-        default=0.6,
+        default=1.0,
         metadata=_rule("a number from 0 to 1", lambda v: 0 <= v <= 1,
-                       "cloud weight where the cloud is unsure"),
+                       "cloud weight where the cloud is unsure (lower it for a cloud no"
+                       " stronger than the local model)"),
     )
     lambda_max: float = field(
         default=1.0,
