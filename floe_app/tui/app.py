@@ -79,7 +79,6 @@ class FloeApp(App[None]):
         """`session`: built by ChatSession.open (the CLI) or by a test with its own parts."""
         super().__init__()
         self.session = session
-        self.paths = session.paths
         self.interrupted = session.interrupted
         self.warnings = warnings or []
         self.export_dir = export_dir or Path.cwd()
