@@ -67,6 +67,16 @@ def test_full_text_search_finds_words_stems_and_survives_odd_queries(store):
     assert [h.message_id for h in store.search("entanglement")] == [reply]
 
 
+def test_the_sidebar_search_matches_titles_and_messages(store):
+    pets = store.create_conversation("Pets")
+    store.add_message(pets, "user", "My dog Biscotti loves the park")
+    trip = store.create_conversation("Trip to Lisbon")
+    assert [c.id for c in store.conversations_matching("lisbon")] == [trip]  # the title
+    assert [c.id for c in store.conversations_matching("biscotti")] == [pets]  # a message
+    assert [c.id for c in store.conversations_matching("  ")] == [trip, pets]  # everything
+    assert store.conversations_matching("nothing like this") == []
+
+
 def test_dead_writers_reply_is_marked_interrupted_live_ones_are_not(store):
     import os
 

@@ -232,6 +232,17 @@ class Store:
             )
             return [Conversation(**row) for row in rows]
 
+    def conversations_matching(self, query: str) -> list[Conversation]:
+        """Conversations with `query` in their title or (full text) in a message, newest
+        first; every conversation for an empty query (the chat's sidebar search)."""
+        conversations = self.conversations()
+        query = query.strip()
+        if not query:
+            return conversations
+        hit_ids = {hit.conversation_id for hit in self.search(query)}
+        return [c for c in conversations
+                if c.id in hit_ids or query.lower() in c.title.lower()]
+
     def conversation(self, conversation_id: int) -> Conversation | None:
         with self._guard():
             rows = list(self.db.query(

@@ -164,13 +164,8 @@ class FloeApp(App[None]):
 
     async def refresh_sidebar(self) -> None:
         sidebar = self.query_one(Sidebar)
-        query = sidebar.search_box.value.strip()
-        conversations = self.store.conversations()
-        if query:
-            hit_ids = {hit.conversation_id for hit in self.store.search(query)}
-            conversations = [c for c in conversations
-                             if c.id in hit_ids or query.lower() in c.title.lower()]
-        await sidebar.show(conversations, self.conversation_id)
+        await sidebar.show(self.store.conversations_matching(sidebar.search_box.value),
+                           self.conversation_id)
 
     async def open_conversation(self, conversation_id: int | None) -> None:
         await self.chat_pane.open(conversation_id)
