@@ -64,6 +64,7 @@ class FloeApp(App[None]):
         Binding("f5", "copy_reply", "Copy last reply", show=False),
         Binding("ctrl+s", "export_chat", "Export chat as Markdown", show=False),
         Binding("f4", "switch_mode", "Switch reply mode"),
+        Binding("ctrl+t", "toggle_provenance", "Tint fused replies by source", show=False),
         Binding("ctrl+l", "ledger", "Privacy ledger"),
         Binding("f9", "rate_reply(1)", "Thumbs up: learn from the last reply", show=False),
         Binding("f10", "rate_reply(-1)", "Thumbs down: never learn the last reply",
@@ -391,6 +392,9 @@ class FloeApp(App[None]):
         if applied.reload_model:
             self.load_model()
         self.show_mode()
+
+    def action_toggle_provenance(self) -> None:
+        self.chat_pane.toggle_provenance()
 
     def action_help(self) -> None:
         keys = [(b.key_display or self.get_key_display(b), b.description)

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import threading
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
+from floe_app.engine.provenance import Spans, stretches
 from floe_app.store import Message
 
 ROLE_NAMES = {"user": "You", "assistant": "Floe", "notice": "Floe"}
 RATINGS = {1: "👍 Floe learns from it", -1: "👎 never learned from"}
 STATUS_NOTES = {"interrupted": "interrupted: Floe stopped before this reply finished",
                 "stopped": "stopped", "error": "failed", "streaming": "writing…"}
+# The provenance tint (Ctrl+T), the colours of `floe history show --provenance`.
+TINTS = {"local": "", "private": "magenta", "agreed": "green", "overruled": "yellow",
+         "batch": "cyan"}
 
 
 class MessageView(Vertical):
@@ -25,10 +30,12 @@ class MessageView(Vertical):
     status: reactive[str] = reactive("complete", init=False)
     rating: reactive[int | None] = reactive(None, init=False)
     corrected: reactive[bool] = reactive(False, init=False)
+    # Show the reply tinted by where each stretch came from, instead of as Markdown.
+    tinted: reactive[bool] = reactive(False, init=False)
 
     def __init__(self, role: str, content: str = "", status: str = "complete",
                  message_id: int | None = None, rating: int | None = None,
-                 corrected: bool = False) -> None:
+                 corrected: bool = False, provenance: Spans | None = None) -> None:
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
@@ -36,6 +43,7 @@ class MessageView(Vertical):
         self.message_id = message_id  # known once the reply is stored
         self.set_reactive(MessageView.rating, rating)
         self.set_reactive(MessageView.corrected, corrected)
+        self.provenance: Spans = provenance or []  # a fused reply's (characters, source)
         # For a reply: whether the message it answers reached the database.
         self.saved_user_message = False
         # While a reply streams: text from the reply thread, shown on the app's frame clock.
@@ -49,6 +57,7 @@ class MessageView(Vertical):
             yield Static(self.content, classes="text", markup=False)
         else:
             yield Markdown(self.content, classes="body")
+            yield Static("", classes="provenance", markup=False)
 
     def _heading(self) -> str:
         notes = [STATUS_NOTES.get(self.status, ""), RATINGS.get(self.rating, ""),
@@ -68,6 +77,25 @@ class MessageView(Vertical):
 
     def _show_heading(self) -> None:
         self.query_one(".author", Label).update(self._heading())
+
+    def watch_tinted(self) -> None:
+        self.show_provenance()
+
+    def show_provenance(self, text: str | None = None) -> None:
+        """Tinted while `tinted` and there is provenance to show (`text`: the reply's text,
+        once known), else the Markdown."""
+        if text is not None:
+            self.content = text
+        if self.role == "user":
+            return  # what the user typed: no Markdown, no provenance
+        tint = self.tinted and bool(self.provenance)
+        if tint:
+            shown = Text()
+            for piece, source in stretches(self.content, self.provenance):
+                shown.append(piece, style=TINTS[source])
+            self.query_one(".provenance", Static).update(shown)
+        self.query_one(".provenance", Static).display = tint
+        self.body.display = not tint
 
     @property
     def body(self) -> Markdown:
@@ -103,8 +131,15 @@ class MessageView(Vertical):
 class ChatView(VerticalScroll):
     """Scrolls with the reply as it streams, unless the user scrolls away."""
 
+    tinted = False  # fused replies shown tinted by provenance (Ctrl+T), new ones too
+
     def on_mount(self) -> None:
         self.anchor()
+
+    def set_tinted(self, tinted: bool) -> None:
+        self.tinted = tinted
+        for view in self.query(MessageView):
+            view.tinted = tinted
 
     async def show_messages(self, messages: list[Message], hint: str = "") -> None:
         """The messages; with none, `hint` says what to do (it goes once one is added)."""
@@ -112,7 +147,10 @@ class ChatView(VerticalScroll):
         if not messages and hint:
             await self.mount(Static(hint, id="empty-hint", markup=False))
         await self.mount_all(MessageView(m.role, m.content, m.status, m.id, m.rating,
-                                         m.correction is not None) for m in messages)
+                                         m.correction is not None,
+                                         m.stats.get("provenance") if m.stats else None)
+                             for m in messages)
+        self.set_tinted(self.tinted)
         self.anchor()
 
     def update_hint(self, hint: str) -> None:
@@ -124,6 +162,7 @@ class ChatView(VerticalScroll):
         await self.query("#empty-hint").remove()
         view = MessageView(role, content, status)
         await self.mount(view, before=before)
+        view.tinted = self.tinted
         self.anchor()
         return view
 

@@ -131,6 +131,16 @@ class ChatPane(Vertical):
         else:
             self.session.store.set_conversation_mode(self.conversation_id, mode)
 
+    def toggle_provenance(self) -> None:
+        """Tint fused replies by where each stretch came from, or show them plainly."""
+        tinted = not self.chat.tinted
+        self.chat.set_tinted(tinted)
+        if tinted:
+            self.notify("Fused replies tinted: magenta private (the cloud was left out),"
+                        " green the cloud agreed, yellow fusion overruled the local model,"
+                        " cyan the cloud's text checked in a batch, plain the local model"
+                        " alone. Ctrl+T again: plain.", timeout=8)
+
     def hint(self) -> str:
         """What an empty chat says: how to start, the main keys, whether the model is ready."""
         model = {"loading": "The model is still loading; you can type already.",
@@ -225,6 +235,8 @@ class ChatPane(Vertical):
                 if isinstance(event, Finished):
                     view.message_id = event.message_id
                     view.status = event.status
+                    view.provenance = event.stats.get("provenance") or []
+                    view.show_provenance(event.text)
                 else:
                     view.status = "error"
                     await chat.add_notice(f"**Could not reply:** {event.error}")
