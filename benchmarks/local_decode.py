@@ -148,17 +148,19 @@ def run_ask(home: Path) -> dict:
 
 
 async def run_app(paths: Paths, home: Path, reps: int, record) -> None:
-    from floe_app.tui.app import FRAME_S, FloeApp
+    from floe_app.session import ChatSession
+    from floe_app.tui.app import FloeApp
+    from floe_app.tui.widgets.chat_pane import FRAME_S
     from floe_app.tui.widgets.prompt import PromptInput
     from floe_app.tui.widgets.status import StatusBar
 
-    app = FloeApp(paths, chat_config(), export_dir=home)
+    app = FloeApp(ChatSession.open(paths, chat_config()), export_dir=home)
     async with app.run_test(size=(110, 36)) as pilot:
         while app.query_one(StatusBar).model == "no model":
             await pilot.pause(0.05)
 
         async def reply(frame_s: float) -> dict:
-            app.frame_s = frame_s
+            app.chat_pane.frame_s = frame_s
             app.session.engine().clear_cache()
             await app.action_new_chat()
             app.query_one(PromptInput).text = PROMPT

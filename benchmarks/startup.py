@@ -22,11 +22,12 @@ import asyncio, time
 start = time.perf_counter()
 from floe_app.config import load_config
 from floe_app.paths import resolve_paths
+from floe_app.session import ChatSession
 from floe_app.tui.app import FloeApp
 
 async def main():
     paths = resolve_paths().ensure()
-    app = FloeApp(paths, load_config(paths)[0])
+    app = FloeApp(ChatSession.open(paths, load_config(paths)[0]))
     async with app.run_test() as pilot:
         await pilot.pause()
         print((time.perf_counter() - start) * 1000)
