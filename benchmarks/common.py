@@ -8,6 +8,7 @@ cloud's pace, behind the FaultProxy (`replayed_cloud`).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
 import tempfile
@@ -111,3 +112,20 @@ def median(values: list[float]) -> float:
 
 def p95(values: list[float]) -> float:
     return percentile(values, 95) if values else float("nan")
+
+
+def add_fusion_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fusion", action="append", default=[], metavar="KEY=VALUE",
+                        help="a fusion setting for every fused reply, e.g. lambda_min=0.6")
+
+
+def fusion_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
+    """--fusion KEY=NUMBER options as make_session's keyword arguments."""
+    overrides: dict[str, float] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key.strip()] = float(value) if "." in value else int(value)
+        except ValueError:
+            parser.error(f"--fusion {item}: expected KEY=NUMBER")
+    return overrides

@@ -19,7 +19,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import fresh_reply, make_session, median, p95
+from benchmarks.common import (
+    add_fusion_option,
+    fresh_reply,
+    fusion_overrides,
+    make_session,
+    median,
+    p95,
+)
 from floe_app.engine.hardware import cpu_info
 from floe_app.engine.local import bundled_model_path
 from tests.support.cloud_server import CloudServer
@@ -60,7 +67,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rates", default="100,150")
     parser.add_argument("--rtts", default="50,150,400")
+    add_fusion_option(parser)
     args = parser.parse_args()
+    overrides = fusion_overrides(parser, args.fusion)
     folder = Path(tempfile.mkdtemp(prefix="floe-latency-"))
     server = CloudServer(bundled_model_path(), chat_format="chatml", alias=MODEL)
     replay = ReplayCloud(folder / "recording.jsonl", server.base_url, ttft_ms=0,
@@ -69,7 +78,7 @@ def main() -> None:
     rows = []
     try:
         session = make_session(proxy, args.max_tokens, model=MODEL,
-                               cloud={"provider": "llama-cpp-python"})
+                               cloud={"provider": "llama-cpp-python"}, **overrides)
         deadline = session.config.fusion.deadline_ms
         for rep in range(args.reps):  # record every request the cells will make
             for _, mode, batch in MODES[1:]:
@@ -89,7 +98,8 @@ def main() -> None:
     print(f"Fusion latency: {cpu_info().model}, {cpu_info().logical_cores} cores; local"
           f" SmolLM2-135M (1 thread); cloud: SmolLM2 replayed at RATE tokens/s after the"
           f" round trip; greedy, up to {args.max_tokens} tokens, {args.reps} replies per"
-          f" cell, medians; deadline {deadline} ms")
+          f" cell, medians; deadline {deadline} ms"
+          + "".join(f"; {item}" for item in args.fusion))
     print(f"{'rate':>5} {'RTT':>4} {'mode':<18} {'TTFT ms':>8} {'tok/s':>7} {'p95 gap':>8}"
           f" {'from batches':>12} {'acceptance':>10} {'req/reply':>9}")
     for rate, rtt, label, cell in rows:

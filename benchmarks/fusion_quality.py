@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from benchmarks.common import fresh_reply, make_session, replayed_cloud
+from benchmarks.common import (
+    add_fusion_option,
+    fresh_reply,
+    fusion_overrides,
+    make_session,
+    replayed_cloud,
+)
 from floe_app.engine.hardware import cpu_info
 
 SYSTEM = "You are a concise and helpful assistant."
@@ -208,18 +214,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "floe-bench-cache")
     parser.add_argument("--misses", action="store_true", help="list every wrong reply")
-    parser.add_argument("--fusion", action="append", default=[], metavar="KEY=VALUE",
-                        help="a fusion setting for every fused setup, e.g. lambda_max=1")
+    add_fusion_option(parser)
     args = parser.parse_args()
     # A terminated run still stops its servers (the context managers below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args.overrides = {}
-    for item in args.fusion:
-        key, _, value = item.partition("=")
-        try:
-            args.overrides[key.strip()] = float(value) if "." in value else int(value)
-        except ValueError:
-            parser.error(f"--fusion {item}: expected KEY=NUMBER")
+    args.overrides = fusion_overrides(parser, args.fusion)
     chosen = [s.strip() for s in args.setups.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SETUPS]
     if unknown:

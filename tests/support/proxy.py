@@ -164,8 +164,11 @@ class FaultProxy:
                 if downstream is not None and faults.stall_after is not None \
                         and sent + len(chunk) > faults.stall_after:
                     await asyncio.sleep(3600)  # silent, but the connection stays open
-                writer.write(chunk)
-                await writer.drain()
+                try:
+                    writer.write(chunk)
+                    await writer.drain()
+                except ConnectionError:
+                    return  # the other side went away (a cancelled stream): nothing to deliver
                 sent += len(chunk)
             with contextlib.suppress(Exception):
                 writer.write_eof()
