@@ -185,6 +185,7 @@ def part_chat(reps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         os.environ["FLOE_HOME"] = str(home)
+        os.environ["FLOE_PLUGINS"] = ""  # as for `floe ask`: the same prompt on both paths
         from floe_app.paths import resolve_paths
 
         paths = resolve_paths().ensure()

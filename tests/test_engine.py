@@ -227,11 +227,14 @@ def test_one_thread_per_core_that_is_free_enough():
 def test_monitor_counts_other_programs_and_registered_threads_as_others(monkeypatch):
     monitor = hardware.CpuMonitor()
     monitor.cores = 2
-    samples = iter([hardware.CpuTimes(0.0, 10.0, 4.0), hardware.CpuTimes(1.0, 11.6, 4.9)])
+    samples = iter([hardware.CpuTimes(0.0, 10.0, 4.0, 1.0), hardware.CpuTimes(1.0, 11.6, 4.9, 1.4),
+                    hardware.CpuTimes(1.0, 11.6, 4.9, 1.4)])
     monkeypatch.setattr(monitor, "read", lambda: next(samples))
     monitor.sample()
-    # 1.6 CPU-seconds used in one second, 0.9 of them by this process: 0.7 by others.
+    # 1.6 CPU-seconds used in one second, 0.9 of them by this process (not counting its
+    # registered UI thread): 0.7 by others, of which 0.4 by that thread.
     assert monitor.free_cores() == pytest.approx(1.3)
+    assert monitor.free_cores(count_registered=False) == pytest.approx(1.7)
     if monitor.available:  # the real counters on Linux
         monkeypatch.undo()
         monitor.count_as_other(threading.get_native_id())
@@ -242,11 +245,13 @@ def test_automatic_threads_follow_the_free_cores(engine, monkeypatch):
     lib = engine._lib
     before = (engine.auto_threads, engine.threads, engine.max_threads)
     free = {"cores": 0.5}
+    asked = []  # whether the UI thread's CPU counted, at each decision
 
     class Monitor:
         available = True
 
-        def free_cores(self):
+        def free_cores(self, count_registered=True):
+            asked.append(count_registered)
             return free["cores"]
 
     monkeypatch.setattr("floe_app.engine.local.cpu_monitor", lambda: Monitor())
@@ -256,6 +261,8 @@ def test_automatic_threads_follow_the_free_cores(engine, monkeypatch):
         list(engine.generate(engine.chat_tokens(MESSAGES), Sampling(temperature=0, max_tokens=4),
                              stats=stats))
         assert stats.threads[0] == 1 == lib.llama_n_threads(engine._llm._ctx.ctx)
+        # At the reply's start the UI thread's burst (showing the message) does not count.
+        assert asked[0] is False
         free["cores"] = 2.0
         assert engine.adapt_threads() == 2 == lib.llama_n_threads(engine._llm._ctx.ctx)
     finally:

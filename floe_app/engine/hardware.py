@@ -83,6 +83,7 @@ class CpuTimes:
     at: float  # monotonic seconds
     busy: float  # CPU-seconds every program has used, all cores together
     own: float  # CPU-seconds this process used, minus the threads counted as others
+    registered: float = 0.0  # CPU-seconds of those threads (the chat's UI thread)
 
 
 def _clock_ticks() -> int:
@@ -143,9 +144,9 @@ class CpuMonitor:
         if cores:
             self.cores = min(cores, cpu_info().logical_cores)
         times = os.times()
-        own = times.user + times.system - sum(_thread_seconds(t, self._ticks)
-                                               for t in self._others)
-        return CpuTimes(time.monotonic(), busy, own)
+        registered = sum(_thread_seconds(t, self._ticks) for t in self._others)
+        return CpuTimes(time.monotonic(), busy, times.user + times.system - registered,
+                        registered)
 
     def start(self) -> None:
         """Sample in the background (a few microseconds every SAMPLE_S), so the first
@@ -170,8 +171,9 @@ class CpuMonitor:
                 del self._samples[:-int(WINDOW_S / SAMPLE_S) - 2]
         return now
 
-    def free_cores(self) -> float | None:
-        """Cores not used by other programs over about the last WINDOW_S (None: unknown)."""
+    def free_cores(self, count_registered: bool = True) -> float | None:
+        """Cores not used by other programs over about the last WINDOW_S (None: unknown);
+        without `count_registered`, this process's registered threads count as free."""
         now = self.read()
         if now is None:
             return None
@@ -183,7 +185,10 @@ class CpuMonitor:
             # The newest sample at least WINDOW_S old, else the oldest there is.
             base = next((s for s in reversed(older) if now.at - s.at >= WINDOW_S), older[0])
         span = now.at - base.at
-        others = max(0.0, (now.busy - base.busy) - (now.own - base.own)) / span
+        others = (now.busy - base.busy) - (now.own - base.own)
+        if not count_registered:
+            others -= now.registered - base.registered
+        others = max(0.0, others) / span
         return max(0.0, self.cores - others)
 
 
