@@ -103,6 +103,20 @@ def run_floe(*args: str, env_home: Path, input: str | None = None, timeout: floa
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+def patient_cloud_config(config, base_url: str, model: str, max_tokens: int):
+    """Greedy, probed on first use, pointed at a real server that may be slow (one thread
+    on a busy machine): the reply waits for it wherever it is not there yet."""
+    config.cloud.base_url = base_url
+    config.cloud.model = model
+    config.cloud.provider = "auto"
+    config.chat.max_tokens = max_tokens
+    config.fusion.deadline_ms = 3000
+    config.fusion.wait_budget_ms = 60_000
+    config.fusion.first_token_ms = 60_000
+    config.fusion.sure_prob = 1.0
+    return config
+
+
 @pytest.fixture(scope="session")
 def cloud_server(tmp_path_factory):
     """llama-cpp-python's OpenAI-compatible server with gemma-3-270m, on 127.0.0.1."""

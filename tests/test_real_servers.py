@@ -27,7 +27,7 @@ from floe_app.engine.logprobs import TokenAssembler, parse_chunk
 from floe_app.engine.probe import PARTIAL
 from floe_app.engine.profiles import PREFILL, RAW_PROMPT, ProfileCache
 from floe_app.session import Finished
-from tests.conftest import run_floe
+from tests.conftest import patient_cloud_config, run_floe
 from tests.support.models import DEFAULT_CACHE, qwen_alias, qwen_path
 from tests.support.proxy import FaultProxy
 
@@ -63,17 +63,7 @@ def llama_proxy(llama):
 
 @pytest.fixture
 def llama_config(config, llama_proxy):
-    """Greedy, pointed at llama-server through the proxy; slow enough a server (one thread
-    on a busy machine) that the reply may wait for it."""
-    config.cloud.base_url = llama_proxy.base_url
-    config.cloud.model = ALIAS
-    config.cloud.provider = "auto"
-    config.chat.max_tokens = 32
-    config.fusion.deadline_ms = 3000
-    config.fusion.wait_budget_ms = 60_000
-    config.fusion.first_token_ms = 30_000
-    config.fusion.sure_prob = 1.0  # wait wherever the cloud is not there yet
-    return config
+    return patient_cloud_config(config, llama_proxy.base_url, ALIAS, 32)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 from floe_app.engine.cloud import OK, CloudClient, CloudTarget
 from floe_app.engine.profiles import CONTINUE_FINAL, CONTINUE_FINAL_FIELDS
 from floe_app.session import Finished
+from tests.conftest import patient_cloud_config
 from tests.support.models import DEFAULT_CACHE, qwen_alias
 from tests.support.proxy import FaultProxy
 
@@ -43,15 +44,7 @@ def vllm_proxy(vllm):
 
 @pytest.fixture
 def vllm_config(config, vllm_proxy):
-    config.cloud.base_url = vllm_proxy.base_url
-    config.cloud.model = ALIAS
-    config.cloud.provider = "auto"
-    config.chat.max_tokens = 24
-    config.fusion.deadline_ms = 3000
-    config.fusion.wait_budget_ms = 60_000
-    config.fusion.first_token_ms = 60_000
-    config.fusion.sure_prob = 1.0  # wait wherever the cloud is not there yet
-    return config
+    return patient_cloud_config(config, vllm_proxy.base_url, ALIAS, 24)
 
 
 def test_auto_probe_finds_chat_with_continue_final_message(make_session, vllm_config, store):

@@ -16,15 +16,12 @@ only where /proc/cpuinfo lists `amx` (elsewhere repacking speeds the model up).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx2
-
 from tests.support.cloud_server import free_port
+from tests.support.server_process import ServerProcess
 
 
 class LlamaServerMissing(RuntimeError):
@@ -57,72 +54,25 @@ def has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
                if line.startswith("flags") for flag in line.split())
 
 
-class LlamaServer:
-    """A running llama-server; `base_url` ends in /v1 as OpenAI clients expect."""
+class LlamaServer(ServerProcess):
+    """A running llama-server."""
+
+    name = "llama-server"
 
     def __init__(self, model: Path, alias: str, threads: int = 1, context: int = 1024,
                  log: Path | None = None, no_repack: bool | None = None,
                  extra_args: Sequence[str] = (), timeout: float = 180) -> None:
         exe = binary()
-        self.alias = alias
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        port = free_port()
         self.no_repack = has_amx() if no_repack is None else no_repack
-        self.log_path = log
         env = dict(os.environ)
         folder = str(exe.parent)  # its shared libraries sit beside it
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (folder, env.get("LD_LIBRARY_PATH", "")) if p)
-        self.args = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                     "-c", str(context), "-t", str(threads), "--alias", alias,
-                     *(["--no-repack"] if self.no_repack else []), *extra_args]
-        # Lives as long as the server.
-        self.log = open(log or os.devnull, "w")  # noqa: SIM115
-        self.process = subprocess.Popen(self.args, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready(timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.close()
-                raise RuntimeError(f"llama-server exited with {self.process.returncode}"
-                                   f" ({' '.join(self.args)}){self._log_tail()}")
-            try:
-                # 503 while the model loads; 200 with the alias once it serves.
-                answer = httpx2.get(f"{self.base_url}/models", timeout=2)
-                if answer.status_code == 200 and self.alias in answer.text:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"llama-server did not become ready in {timeout:.0f} s"
-                           f"{self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return ":\n" + "\n".join(lines[-15:])
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.log.close()
+        args = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                "-c", str(context), "-t", str(threads), "--alias", alias,
+                *(["--no-repack"] if self.no_repack else []), *extra_args]
+        super().__init__(args, alias, port, env, log, timeout)
 
 
 def main() -> None:
@@ -132,12 +82,7 @@ def main() -> None:
     server = LlamaServer(model, qwen_alias("0.5b"))
     print(f"{server.base_url} serving {model.name} as {server.alias}"
           f"{' (--no-repack: AMX)' if server.no_repack else ''}", flush=True)
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    server.serve_until_interrupted()
 
 
 if __name__ == "__main__":

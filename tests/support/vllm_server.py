@@ -14,14 +14,11 @@ items with `bytes`.
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from pathlib import Path
-
-import httpx2
 
 from tests.support.cloud_server import free_port
 from tests.support.models import DEFAULT_CACHE, qwen_path
+from tests.support.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("FLOE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -56,67 +53,26 @@ def vllm_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return out
 
 
-class VllmServer:
-    """A running vLLM OpenAI-compatible server; `base_url` ends in /v1."""
+class VllmServer(ServerProcess):
+    """A running vLLM OpenAI-compatible server."""
+
+    name = "vLLM"
 
     def __init__(self, model: Path, alias: str, log: Path | None = None,
                  timeout: float = 600) -> None:
         if not VLLM_PYTHON.exists():
             raise VllmMissing(f"no vLLM environment at {VLLM_PYTHON}: `make test-servers`"
                               " makes it (a few minutes)")
-        self.alias = alias
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = log
+        port = free_port()
         cache = Path(model).parent / "vllm-runtime-cache"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=str(cache / "vllm"),
                    TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"))
-        self.args = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-                     "--model", str(model), "--served-model-name", alias,
-                     "--host", "127.0.0.1", "--port", str(self.port),
-                     "--max-model-len", "1024", "--dtype", "bfloat16", "--enforce-eager"]
-        self.log = open(log or os.devnull, "w")  # noqa: SIM115 (lives as long as the server)
-        self.process = subprocess.Popen(self.args, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        self._wait_ready(timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.close()
-                raise RuntimeError(f"vLLM exited with {self.process.returncode}"
-                                   f"{self._log_tail()}")
-            try:
-                answer = httpx2.get(f"{self.base_url}/models", timeout=2)
-                if answer.status_code == 200 and self.alias in answer.text:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"vLLM did not become ready in {timeout:.0f} s{self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return ":\n" + "\n".join(lines[-15:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)  # vLLM starts worker processes of its own
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait(timeout=10)
-        self.log.close()
+        args = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(model), "--served-model-name", alias,
+                "--host", "127.0.0.1", "--port", str(port),
+                "--max-model-len", "1024", "--dtype", "bfloat16", "--enforce-eager"]
+        super().__init__(args, alias, port, env, log, timeout)
 
 
 def main() -> None:
@@ -124,12 +80,7 @@ def main() -> None:
 
     server = VllmServer(vllm_model(), qwen_alias("0.5b"))
     print(f"{server.base_url} serving {server.alias}", flush=True)
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    server.serve_until_interrupted()
 
 
 if __name__ == "__main__":
