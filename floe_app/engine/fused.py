@@ -99,6 +99,7 @@ def common_prefix(a: bytes, b: bytes) -> int:
         i += 1
     return i
 
+
 # The reply's first tokens, whose private shift is checked at the first disagreement even
 # where the cloud was absent or agreed: the opening says what kind of answer it is.
 OPENING = 4
