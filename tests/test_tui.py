@@ -1,6 +1,5 @@
 """The Textual app driven with Pilot, on the real model and a real SQLite file."""
 
-import asyncio
 
 import pytest
 from textual import events
@@ -12,7 +11,7 @@ from floe_app.tui.app import FloeApp
 from floe_app.tui.screens.confirm import ConfirmScreen
 from floe_app.tui.screens.help import HelpScreen
 from floe_app.tui.screens.rename import RenameScreen
-from floe_app.tui.widgets.chat import MessageView
+from floe_app.tui.widgets.chat import ChatView, MessageView
 from floe_app.tui.widgets.prompt import PromptInput
 from floe_app.tui.widgets.sidebar import ConversationItem
 from floe_app.tui.widgets.status import StatusBar
@@ -113,19 +112,26 @@ async def test_escape_stops_the_reply_and_keeps_what_was_written(paths, config, 
 
 
 @pytest.mark.slow
-async def test_escape_pressed_at_once_after_sending_stops_that_reply(paths, config, tmp_path):
+async def test_escape_pressed_at_once_after_sending_stops_that_reply(paths, config, tmp_path,
+                                                                    monkeypatch):
+    """Esc while the reply's views are still being mounted, before its thread has started:
+    it must stop this reply, not set the finished reply's cancel event."""
     config.chat.max_tokens = 400
     app = make_app(paths, config, tmp_path)
+    mount = ChatView.add_message
+    pressed = []
+
+    async def esc_while_mounting(self, role, *args, **kwargs):
+        if role == "assistant" and not pressed:
+            pressed.append(app.chat_pane.stop())  # what Esc does, at this very moment
+        return await mount(self, role, *args, **kwargs)
+
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, app, "Hi")  # a first reply, whose cancel event Esc must not reach
-        app.query_one(PromptInput).text = "Tell me a long story about a lighthouse."
-        app.post_message(events.Key("enter", "\r"))  # pilot.press would wait for idle
-        for _ in range(2000):
-            if app.generating:
-                break
-            await asyncio.sleep(0.001)
-        await pilot.press("escape")  # at once: the reply thread may not have started yet
+        monkeypatch.setattr(ChatView, "add_message", esc_while_mounting)
+        await send(pilot, app, "Tell me a long story about a lighthouse.")
         await wait_until(pilot, lambda: not app.generating)
+        assert pressed == [True]  # Esc came while the reply was going, before its thread
         reply = app.store.messages(app.conversation_id)[-1]
         assert reply.status == "stopped" and reply.stats["finish_reason"] == "cancelled"
         assert list(app.query(MessageView))[-1].status == "stopped"
