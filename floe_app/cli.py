@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from floe_app.paths import Paths
     from floe_app.plugins import Plugins
     from floe_app.session import ChatSession
-    from floe_app.store import Message
 
 Commands = argparse._SubParsersAction  # what add_NAME adds its command to
 
@@ -249,33 +248,13 @@ def cmd_history(args: argparse.Namespace) -> int:
         raise FloeError(f"no conversation with id {args.id} (see floe history list)")
     messages = store.messages(args.id)
     if action == "show":
-        if args.provenance:
-            print(provenance_text(messages, sys.stdout.isatty() and "NO_COLOR" not in os.environ))
-        else:
-            print(conversation_markdown(conversation, messages))
+        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        print(conversation_markdown(conversation, messages,
+                                    colour if args.provenance else None))
         return 0
     print(export_conversation(conversation, messages, args.format,
                               Path(args.output) if args.output else None))
     return 0
-
-
-def provenance_text(messages: list[Message], colour: bool) -> str:
-    """Each fused reply tinted by where its stretches came from, after a legend; other
-    messages as they are."""
-    from floe_app.engine.provenance import legend, render, shares
-
-    lines = [legend(colour), ""]
-    for message in messages:
-        spans = message.stats.get("provenance") if message.role == "assistant" else None
-        who = {"user": "You", "assistant": "Floe"}.get(message.role, message.role.title())
-        if spans:
-            split = ", ".join(f"{source} {share:.0%}" for source, share in shares(spans).items())
-            lines += [f"## {who} ({message.mode}: {split})", "", render(message.content, spans,
-                                                                       colour), ""]
-        else:
-            mode = f" ({message.mode})" if message.role == "assistant" and message.mode else ""
-            lines += [f"## {who}{mode}", "", message.content or "_(no text)_", ""]
-    return "\n".join(lines)
 
 
 def add_cloud(commands: Commands) -> None:

@@ -31,16 +31,14 @@ from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats, Priva
 from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback, resolve_model_path
 from floe_app.engine.probe import probe
 from floe_app.engine.profiles import CloudProfile, ProfileCache
-from floe_app.engine.provenance import Spans, extend
+from floe_app.engine.provenance import Spans, extend, legend, render, shares
 from floe_app.engine.redact import Redactor, Restorer, private_terms
 from floe_app.engine.sampling import Sampling, sampling_from_settings
 from floe_app.errors import FloeError, ModelError
 from floe_app.paths import Paths
 from floe_app.personalize.learning import Learning
 from floe_app.personalize.registry import Registry
-from floe_app.personalize.status import (
-    replying,
-)
+from floe_app.personalize.status import replying
 from floe_app.plugins import Command, Plugins
 from floe_app.store import Conversation, Message, Store
 from floe_app.store.db import AdapterRow, SharedAdapter
@@ -704,13 +702,25 @@ class ReplyRun:
         return summary
 
 
-def conversation_markdown(conversation: Conversation, messages: list[Message]) -> str:
-    """A conversation as a Markdown document, for export and `floe history show`."""
+def conversation_markdown(conversation: Conversation, messages: list[Message],
+                          provenance_colour: bool | None = None) -> str:
+    """A conversation as a Markdown document, for export and `floe history show`; with
+    `provenance_colour` (True: ANSI colours, False: tags) each fused reply's stretches are
+    marked by where they came from, after a legend."""
     lines = [f"# {conversation.title}", "", f"_Started {conversation.created_at}_", ""]
+    if provenance_colour is not None:
+        lines += [legend(provenance_colour), ""]
     for message in messages:
         who = {"user": "You", "assistant": "Floe"}.get(message.role, message.role.title())
-        note = "" if message.status == "complete" else f" _({message.status})_"
-        lines += [f"## {who}{note}", "", message.content or "_(no text)_", ""]
+        notes = [] if message.status == "complete" else [message.status]
+        body = message.content or "_(no text)_"
+        spans = message.stats.get("provenance") if message.role == "assistant" else None
+        if provenance_colour is not None and spans:
+            notes.append(f"{message.mode}: " + ", ".join(
+                f"{source} {share:.0%}" for source, share in shares(spans).items()))
+            body = render(message.content, spans, provenance_colour)
+        note = f" _({'; '.join(notes)})_" if notes else ""
+        lines += [f"## {who}{note}", "", body, ""]
     return "\n".join(lines)
 
 

@@ -219,7 +219,7 @@ def test_cli_fused_json_stats_and_ledger(cloud_server, tmp_path):
     assert sum(n for n, _ in spans) == len(reply_text)
     shown = run_floe("history", "show", "1", "--provenance", env_home=home).stdout
     assert "agreed = the cloud agreed with the local model" in shown
-    assert "## Floe (fused: " in shown and "## You" in shown and QUESTION in shown
+    assert "## Floe _(fused: " in shown and "## You" in shown and QUESTION in shown
     untagged = re.sub(r"\[(agreed|overruled|batch|private): (.*?)\]", r"\2", shown, flags=re.S)
     assert reply_text.strip() in untagged
     assert ("[" in shown.split("## Floe", 1)[1]) == any(s != "local" for _, s in spans)
