@@ -182,10 +182,12 @@ def test_tls_device_keys_refusals_and_a_device_killed_mid_round(tmp_path, base_c
     assert "Uvicorn running on https://" in log  # the SuperLink served TLS only
     first, second, final = [e for e in rounds_logged(state) if e["event"] != "privacy"]
     assert len(first["accepted"]) == 2 and first["published"]
-    # Round 2 went on without the killed service (the SuperLink gave up on it after two
-    # missed heartbeats)...
-    [why] = second["declined"].values()
-    assert len(second["accepted"]) == 1 and "Node Unavailable" in why, second
+    # Round 2 went on without the killed service: the SuperLink gave up on it after two
+    # missed heartbeats ("Node Unavailable"), or did not pick it, already gone; or the
+    # restarted service joined in time and took part like the others...
+    assert second["accepted"], second
+    assert all("Node Unavailable" in why for why in second["declined"].values()), second
+    rejoined = len(second["accepted"]) == 2
     # ...and in the next round, the run's last, the restarted one took the final adapter.
     assert final["installed"] == 2 and final["nodes"] == 2
 
@@ -193,7 +195,8 @@ def test_tls_device_keys_refusals_and_a_device_killed_mid_round(tmp_path, base_c
     try:
         uploads = [r.round for r in store.federation_rounds()
                    if r.outcome == "uploaded"]
-        assert uploads == [1]  # round 2 was killed before anything was trained or sent
+        # The killed attempt at round 2 sent nothing; a rejoined service's own upload may.
+        assert uploads == ([1, 2] if rejoined else [1]), (uploads, second)
         rows = store.shared_adapters()
         assert rows and all(file_problem(Path(r.path), r.size, r.sha256) is None
                             for r in rows)
