@@ -527,6 +527,7 @@ class Operator:
         while True:
             print_new_lines()
             if self.link is not None and self.link.poll() is not None:
+                print_new_lines()  # a round logged just before the SuperLink died
                 raise FloeError(stopped)
             if time.monotonic() >= next_status:
                 try:
@@ -538,6 +539,7 @@ class Operator:
                             self.link.wait(15)  # its death may take a while to show
                         if self.link.poll() is not None or not port_open(
                                 "127.0.0.1", self.options.port):
+                            print_new_lines()
                             raise FloeError(stopped) from None
                     raise
                 if status.startswith("finished"):
