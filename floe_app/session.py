@@ -544,7 +544,6 @@ class ChatSession:
             private = PrivateCheck(
                 with_private=lambda generated: engine.next_token_logprobs(tokens + generated),
                 without=lambda generated: base.next_token_logprobs(base_prompt + generated))
-            private.warm()
         chooser = FusedChooser(engine.vocabulary(), client, cloud_messages, run.redactor,
                                self.config.fusion, sampling, run.fusion, private,
                                run.recorder, lambda text: engine.tokenize(text, special=False))

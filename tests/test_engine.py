@@ -41,6 +41,46 @@ def test_next_token_logprobs_are_a_distribution(engine):
     assert np.all(np.isfinite(lp)) and abs(np.exp(lp).sum() - 1) < 1e-6
 
 
+def test_every_evaluation_runs_on_one_llama_thread_whoever_asks(engine, monkeypatch):
+    """Evaluating from several threads made libgomp throttle all of them (compute.py): the
+    engine hands every evaluation, one token or a batch, to the one llama.cpp thread, and
+    the results are the same as ever."""
+    llm = engine._llm
+    seen: set[int] = set()
+    for owner, name in ((llm, "eval"), (llm._ctx, "decode")):
+        original = getattr(owner, name)
+
+        def recording(*args, _original=original):
+            seen.add(threading.get_native_id())
+            return _original(*args)
+        monkeypatch.setattr(owner, name, recording)
+    tokens = engine.chat_tokens(MESSAGES)
+    engine.clear_cache()
+    here = engine.next_token_logprobs(tokens)
+    results: list[np.ndarray] = []
+    workers = [threading.Thread(target=lambda: results.append(
+        engine.next_token_logprobs(tokens + engine.tokenize(" Red", special=False))))
+        for _ in range(2)]
+    for worker in workers:
+        worker.start()
+        worker.join()
+    with engine.lock:
+        batch = engine._eval_batch(tokens, engine.tokenize(" Red, green", special=False))
+    assert len(seen) == 1 and threading.get_native_id() not in seen
+    assert seen.isdisjoint(worker.native_id for worker in workers)
+    np.testing.assert_allclose(results[0], results[1], atol=1e-4)
+    assert np.all(np.isfinite(here)) and batch.shape[1] == engine.n_vocab
+
+
+def test_the_llama_thread_runs_nested_work_in_place():
+    from floe_app.engine.compute import on_compute_thread
+
+    def outer() -> tuple[int, int]:
+        return threading.get_native_id(), on_compute_thread(threading.get_native_id)
+    first, nested = on_compute_thread(outer)
+    assert first == nested != threading.get_native_id()
+
+
 def test_prefix_cache_gives_the_same_distribution_as_a_fresh_evaluation(engine):
     tokens = engine.chat_tokens(MESSAGES)
     longer = tokens + engine.tokenize("Red, green", special=False)

@@ -118,6 +118,7 @@ class PrivateCheck:
         self._without = without
         self._seen: dict[tuple[int, ...], np.ndarray] = {}
         self._lock = threading.Lock()
+        self._warmed = False
 
     def without(self, done: list[int]) -> np.ndarray:
         key = tuple(done)
@@ -129,8 +130,13 @@ class PrivateCheck:
             return self._seen[key]
 
     def warm(self) -> None:
-        """Read the prompt without private context now, in the background, while the local
-        model reads its own: a first-token check then costs no prompt reading."""
+        """Read the prompt without private context in the background (once), so a check
+        at the first disagreement costs no prompt reading. Called once the local model has
+        read its own prompt: both contexts evaluate on the one llama.cpp thread (compute.py),
+        and the first token must not wait for the second prompt."""
+        if self._warmed:
+            return
+        self._warmed = True
         threading.Thread(target=self.without, args=([],), daemon=True,
                          name="floe-public-prompt").start()
 
@@ -334,6 +340,8 @@ class FusedChooser:
 
     def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int:
         self.source = "local"
+        if self.private is not None:
+            self.private.warm()
         if self.stats.private_from >= 0:
             self.stats.private += 1
             self.source = "private"

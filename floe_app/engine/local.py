@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from floe_app.engine.compute import on_compute_thread
 from floe_app.engine.fusion import Vocabulary
 from floe_app.engine.hardware import cpu_info, cpu_monitor, default_threads, threads_for
 from floe_app.engine.sampling import (
@@ -375,7 +376,7 @@ class LocalEngine:
         differs = np.flatnonzero(llm.input_ids[:limit] != np.asarray(tokens[:limit]))
         prefix = int(differs[0]) if differs.size else limit
         llm.n_tokens = prefix  # eval() drops the KV cache past n_tokens
-        llm.eval(tokens[prefix:])
+        on_compute_thread(llm.eval, tokens[prefix:])
         logits = self._lib.llama_get_logits_ith(llm._ctx.ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
 
@@ -398,7 +399,7 @@ class LocalEngine:
         tail = sequence[-rows:]
         n_past = llm.n_tokens
         llm._batch.set_batch(batch=tail, n_past=n_past, logits_all=True)
-        llm._ctx.decode(llm._batch)
+        on_compute_thread(llm._ctx.decode, llm._batch)
         llm.input_ids[n_past:n_past + rows] = tail
         llm.n_tokens = n_past + rows
         return np.stack([np.ctypeslib.as_array(self._lib.llama_get_logits_ith(llm._ctx.ctx, i),
