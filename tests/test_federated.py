@@ -488,12 +488,24 @@ def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
     assert outcome["published"] and outcome["withheld"] is None
     assert abs(outcome["perplexity_rise"]["8"]) < 0.05
     assert server.shared is not before
-    # Large changes (honest in norm, as no noise is involved) that wreck general text.
+    # A change too large for the devices' gate at full size (+33% measured): the server
+    # moves only part of the way, as far as their gate accepts.
+    before = server.shared
+    outcome = server.combine(2, updates_for(server, 0.3, seed=1))
+    assert outcome["published"] and outcome["step"] < 1
+    assert outcome["perplexity_rise"]["8"] <= 0.05
+    full = rounds.toward(before, rounds.mean_b(before, [
+        (d, r, e) for d, r, e, _ in updates_for(server, 0.3, seed=1).values()]))
+    assert rounds.change_norm(before, server.shared) == pytest.approx(
+        outcome["step"] * rounds.change_norm(before, full), rel=1e-3)
+    # Changes (honest in norm, as no noise is involved) that wreck general text even an
+    # eighth of the way: withheld.
     kept = server.shared
-    outcome = server.combine(2, updates_for(server, 0.5, seed=1))
+    outcome = server.combine(3, updates_for(server, 4.0, seed=1))
     assert not outcome["published"] and outcome["perplexity_rise"]["8"] > 0.05
-    assert "perplexity would rise" in outcome["withheld"]
-    assert server.shared is kept  # unchanged: no device is sent what all would refuse
+    assert "perplexity would rise" in outcome["withheld"] and "0.125 of the way" in outcome[
+        "withheld"]
+    assert server.shared is kept  # unchanged: no device is sent what it would refuse
     # Central DP at noise x1 among 3 devices: the noise dominates, caught by the norm.
     server = federation_server(tmp_path / "central", "central", noise=1.0)
     before = server.shared

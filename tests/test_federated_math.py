@@ -134,6 +134,30 @@ def test_a_round_is_flexlora_of_the_devices_products(devices, seed):
                                    atol=1e-4)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.01, 1.0), st.integers(0, 1000))
+def test_a_server_step_moves_that_far_along_the_round_s_change(step, seed):
+    """toward(): W_old + step * (W_avg - W_old), exactly, with A orthonormal again; the
+    change's norm scales with the step."""
+    rng = np.random.default_rng(seed)
+    shared = rounds.initial(SHAPES, rank=8, seed=seed)
+    shared = {m: ((0.1 * rng.standard_normal(b.shape)).astype(np.float32), a)
+              for m, (b, a) in shared.items()}
+    updates = [({m: (0.1 * rng.standard_normal((out, r))).astype(np.float32)
+                 for m, (out, _) in SHAPES.items()}, r, 2) for r in (4, 8)]
+    full = rounds.aggregate(shared, updates, seed=seed)
+    part = rounds.aggregate(shared, updates, seed=seed, step=step)
+    for module, (b, a) in part.items():
+        old = shared[module][0] @ shared[module][1]
+        target = full[module][0] @ full[module][1]
+        np.testing.assert_allclose(b @ a, old + step * (target - old), atol=1e-4)
+        np.testing.assert_allclose(a @ a.T, np.eye(8), atol=1e-4)
+    assert rounds.change_norm(shared, part) == pytest.approx(
+        step * rounds.change_norm(shared, full), rel=1e-3, abs=1e-5)
+    with pytest.raises(ValueError, match="server step"):
+        rounds.toward(shared, rounds.mean_b(shared, updates), 0.0)
+
+
 def test_a_zero_example_device_has_no_weight():
     shared = rounds.initial(SHAPES, rank=4, seed=0)
     rng = np.random.default_rng(0)
@@ -186,7 +210,7 @@ def test_the_server_refuses_malformed_updates(change, reason):
     assert update is None and reason in problem
 
 
-# Privacy modes (privacy.py) and central DP (rounds.aggregate_central)
+# Privacy modes (privacy.py) and central DP (rounds.central_mean_b)
 
 
 def test_auto_uses_dp_only_when_the_devices_can_bear_its_noise():
@@ -255,8 +279,8 @@ def test_central_dp_clips_each_update_and_adds_the_noise_once():
     rng = np.random.default_rng(1)
     updates = [({m: rng.standard_normal((out, r)).astype(np.float32)
                  for m, (out, _) in SHAPES.items()}, r) for r in (4, 8, 8)]
-    plain = rounds.aggregate_central(shared, updates, clip_norm=0.5, noise_multiplier=0.0,
-                                     expected_nodes=4, noise_rng=rng)
+    plain = rounds.toward(shared, rounds.central_mean_b(
+        shared, updates, clip_norm=0.5, noise_multiplier=0.0, expected_nodes=4, noise_rng=rng))
     # Without noise: B + (sum of the clipped changes) / expected devices.
     for module, (b, a) in plain.items():
         expected = sum(dp.clip({k: d[k][:, :r] for k in d}, 0.5)[0][module]
@@ -266,8 +290,9 @@ def test_central_dp_clips_each_update_and_adds_the_noise_once():
     assert rounds.change_norm(shared, plain) <= 3 * 0.5 / 4 + 1e-6  # each moved it <= C/n
     # Noise: once on the sum, std z*C per coordinate, divided by n.
     zero = [({m: np.zeros((out, 8), np.float32) for m, (out, _) in SHAPES.items()}, 8)]
-    noised = rounds.aggregate_central(shared, zero, clip_norm=0.5, noise_multiplier=2.0,
-                                      expected_nodes=4, noise_rng=np.random.default_rng(2))
+    noised = rounds.toward(shared, rounds.central_mean_b(
+        shared, zero, clip_norm=0.5, noise_multiplier=2.0, expected_nodes=4,
+        noise_rng=np.random.default_rng(2)))
     products = np.concatenate([(b @ a).ravel() for b, a in noised.values()])
     coordinates = sum(out * 8 for out, _ in SHAPES.values())
     assert rounds.change_norm(shared, noised) == pytest.approx(

@@ -74,7 +74,7 @@ def device_product(shared: Shared, delta_b: dict[str, np.ndarray], rank: int) ->
 
 
 def aggregate(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int, int]],
-              seed: int = 0) -> Shared:
+              seed: int = 0, step: float = 1.0) -> Shared:
     """The next shared adapter from (change to B, device rank, examples) triples.
 
     FlexLoRA: the example-weighted sum of every device's product, cut to the shared rank R
@@ -82,7 +82,15 @@ def aggregate(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int
     (sum of w_i * B_i padded to R) @ A: one pass over the updates (they may stream in) and
     one small SVD per module, whatever the number of devices (aggregate.flexlora gives the
     same for factors with nothing in common). The sum has rank <= R: the cut loses nothing.
+    `step` < 1 moves only that far from the old adapter towards the average (toward()).
     """
+    return toward(shared, mean_b(shared, updates), step, seed)
+
+
+def mean_b(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int, int]]
+           ) -> dict[str, np.ndarray]:
+    """The example-weighted average of the devices' B (padded to the shared rank), each
+    against the shared A (see aggregate)."""
     sums = {m: np.zeros(b.shape, dtype=np.float64) for m, (b, _) in shared.items()}
     total = 0.0
     for delta, rank, examples in updates:
@@ -93,8 +101,19 @@ def aggregate(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int
             sums[module][:, :rank] += examples * (b0[:, :rank] + delta[module][:, :rank])
     if total <= 0:
         raise ValueError("updates need a positive total of examples")
-    return _refactor(shared, {module: sums[module] / total for module in shared},
-                     np.random.default_rng(seed))
+    return {module: sums[module] / total for module in shared}
+
+
+def toward(shared: Shared, new_bs: dict[str, np.ndarray], step: float = 1.0,
+           seed: int = 0) -> Shared:
+    """The shared adapter moved `step` of the way to B' (given against the shared A):
+    W + step * (B' A - W), refactored. A server step below 1 keeps a round's direction at a
+    size every device's gate accepts (server learning rate, as in FedOpt)."""
+    if not 0.0 < step <= 1.0:
+        raise ValueError("a server step is in (0, 1]")
+    scaled = {m: b0.astype(np.float64) + step * (new_bs[m] - b0)
+              for m, (b0, _) in shared.items()}
+    return _refactor(shared, scaled, np.random.default_rng(seed))
 
 
 def _refactor(shared: Shared, new_bs: dict[str, np.ndarray], rng: np.random.Generator) -> Shared:
@@ -113,14 +132,15 @@ def _refactor(shared: Shared, new_bs: dict[str, np.ndarray], rng: np.random.Gene
     return out
 
 
-def aggregate_central(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int]],
-                      clip_norm: float, noise_multiplier: float, expected_nodes: int,
-                      noise_rng: np.random.Generator, seed: int = 0) -> Shared:
+def central_mean_b(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int]],
+                   clip_norm: float, noise_multiplier: float, expected_nodes: int,
+                   noise_rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Central DP (DP-FedAvg, fixed denominator): every (change to B, rank) clipped to
     `clip_norm` by the server, summed at the shared rank, N(0, (z * clip_norm)^2) added once
-    to every coordinate of the sum, divided by `expected_nodes`, added to B. One device
-    changes the sum by at most clip_norm (add or remove one), so each round is a Gaussian
-    mechanism of multiplier z at user level; the SVD after it is post-processing."""
+    to every coordinate of the sum, divided by `expected_nodes`, added to B (returned as B'
+    against the shared A, for toward()). One device changes the sum by at most clip_norm
+    (add or remove one), so each round is a Gaussian mechanism of multiplier z at user
+    level; the server step and the SVD after it are post-processing."""
     from floe_app.federated import dp
 
     if expected_nodes < 1:
@@ -132,10 +152,9 @@ def aggregate_central(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarr
         for module, change in clipped.items():
             sums[module][:, :rank] += change
     std = noise_multiplier * clip_norm
-    new_bs = {m: shared[m][0].astype(np.float64)
-              + (sums[m] + (noise_rng.normal(0.0, std, sums[m].shape) if std else 0.0))
-              / expected_nodes for m in shared}
-    return _refactor(shared, new_bs, np.random.default_rng(seed))
+    return {m: shared[m][0].astype(np.float64)
+            + (sums[m] + (noise_rng.normal(0.0, std, sums[m].shape) if std else 0.0))
+            / expected_nodes for m in shared}
 
 
 def change_norm(old: Shared, new: Shared) -> float:
