@@ -493,6 +493,9 @@ def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
     before = server.shared
     outcome = server.combine(2, updates_for(server, 0.3, seed=1))
     assert outcome["published"] and outcome["step"] < 1
+    assert f"moved {outcome['step']:g} of the way" in service.describe(
+        {"event": "round", "round": 2, "nodes": 3, "accepted": {}, "refused": {},
+         "declined": {}, "seconds": 1.0, "version": "v", **outcome})
     assert outcome["perplexity_rise"]["8"] <= 0.05
     full = rounds.toward(before, rounds.mean_b(before, [
         (d, r, e) for d, r, e, _ in updates_for(server, 0.3, seed=1).values()]))

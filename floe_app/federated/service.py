@@ -576,5 +576,8 @@ def describe(entry: dict) -> str:
         parts.append(f"node {node} declined: {why}")
     if entry.get("published") is False:
         parts.append(f"shared adapter unchanged, {entry['withheld']}")
+    elif entry.get("step", 1.0) < 1.0:
+        parts.append(f"moved {entry['step']:g} of the way to the round's average (all of it"
+                     " would raise general-text perplexity past what devices accept)")
     parts.append(f"{entry['seconds']} s, {entry['version']}")
     return "; ".join(parts)
