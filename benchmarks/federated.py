@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from floe_app.cli import build_parser
 from floe_app.config import Config, write_config
 from floe_app.engine.hardware import cpu_info
 from floe_app.engine.local import LocalEngine, bundled_model_path
@@ -47,6 +48,8 @@ from floe_app.paths import resolve_paths
 from floe_app.store import Store
 
 SHARED_RANK = 16
+# `floe federation serve`'s own default (the CLI is the one place it is set).
+SERVE_LEARNING_RATE = build_parser().parse_args(["federation", "serve"]).learning_rate
 RANKS = (4, 8, 16)
 GLOSSARY = [
     ("What is a flarn?", "A flarn is a blue gear used in ice mills.", "gear"),
@@ -315,12 +318,13 @@ PRIVACY_MODES = [  # (name, --privacy, noise multiplier (None: from epsilon 8), 
 
 
 def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
-                  threads: int) -> None:
+                  threads: int, lr: float, modes: list[str]) -> None:
     """Each mode through the real server (server_app.Federation: aggregation, its norm and
     perplexity check, publish or withhold) and the real device steps (train B with A
     frozen, clip, noise if the mode says so, the device's llama.cpp perplexity gate), with
-    `floe federation serve`'s defaults: clip 20, lr 2e-3, epsilon target 8, shared rank 16,
-    devices at ranks 4/8/16; then what each device ends with is evaluated as in part 3."""
+    `floe federation serve`'s defaults (clip 20, epsilon target 8, shared rank 16; the
+    learning rate is --privacy-lr), devices at ranks 4/8/16; then what each device ends
+    with is evaluated as in part 3."""
     from floe_app.federated import server_app
     from floe_app.federated.client import LocalBase, perplexity_rise
     from floe_app.personalize.export import peft_factors, peft_state, write_gguf_adapter
@@ -333,7 +337,6 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
     engine = LocalEngine.load(bundled_model_path(), threads=threads, context_tokens=512)
     base = LocalBase(bundled_model_path(), dict(engine.metadata))
     anchor = bundled_text("anchor_text.txt")
-    lr = 2e-3
     trained_cache: dict[tuple, dict] = {}
 
     def train(start, rank, examples, seed):
@@ -367,6 +370,8 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
     rows.append(f"{'base model (no shared adapter)':<46} {recall:>7.0%} {logprob:>9.3f}"
                 f" {leaks:>6.0%} {'-':>8} {'-':>10} {'-':>8} {'-':>8} {'-':>11}")
     for name, mode, noise, clip in PRIVACY_MODES:
+        if mode not in modes:
+            continue
         settings = server_app.Settings(
             rounds=rounds_n, rank=SHARED_RANK, clip_norm=clip,
             noise_multiplier=-1.0 if noise is None else noise, steps=steps, learning_rate=lr,
@@ -374,7 +379,7 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
             model=str(bundled_model_path()), privacy=mode)
         server = server_app.Federation(settings)
         policy = server.policy
-        published, seconds, sent = [], [], []
+        published, seconds, sent, steps_taken = [], [], [], []
         rng = np.random.default_rng(11)
         for round_number in range(1, rounds_n + 1):
             kept, device_seconds = {}, []
@@ -390,6 +395,7 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
             started = time.perf_counter()
             outcome = server.combine(round_number, kept)
             published.append(outcome["published"])
+            steps_taken.append(f"{outcome['step']:g}" if outcome["published"] else "-")
             # Devices train side by side: a round lasts as long as the slowest one.
             seconds.append(max(device_seconds) + time.perf_counter() - started)
             if not outcome["published"]:
@@ -416,7 +422,8 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
         rows.append(f"{name:<46} {recall:>7.0%} {logprob:>9.3f} {leaks:>6.0%}"
                     f" {accepted:>6}/{users} {sum(published):>7}/{rounds_n} {epsilon:>8}"
                     f" {np.mean(seconds):>8.1f} {np.mean(sent) / 1024:>11.0f}")
-        print(f"  {mode}: {policy.reason}", flush=True)
+        print(f"  {mode}: {policy.reason}; server steps by round: {', '.join(steps_taken)}",
+              flush=True)
     print(header)
     print("\n".join(rows))
     print(f"(epsilon per user over {rounds_n} rounds at delta 1e-5, add-or-remove-one, no"
@@ -446,6 +453,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=15)
     parser.add_argument("--privacy-users", type=int, default=3)
+    parser.add_argument("--privacy-lr", type=float, default=SERVE_LEARNING_RATE)
+    parser.add_argument("--privacy-modes", default="auto,central,local")
     parser.add_argument("--privacy-steps", type=int, default=20,
                         help="local steps per round in part 4 (serve's default: 20)")
     parser.add_argument("--threads", type=int, default=2)
@@ -466,7 +475,7 @@ def main() -> None:
         quality(args.users, args.rounds, args.local_steps, base_cache)
     if "privacy" in parts:
         privacy_modes(args.privacy_users, args.rounds, args.privacy_steps, base_cache,
-                      args.threads)
+                      args.threads, args.privacy_lr, args.privacy_modes.split(","))
 
 
 if __name__ == "__main__":

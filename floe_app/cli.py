@@ -586,8 +586,9 @@ def add_federation(commands: Commands) -> None:
     serve.add_argument("--noise-multiplier", type=float, default=None,
                        help="DP noise multiplier (default: the least that meets --epsilon)")
     serve.add_argument("--perplexity-margin", type=float, default=0.05,
-                       help="do not publish an aggregate that raises general-text"
-                            " perplexity more than this at every device rank")
+                       help="move the shared adapter only as far towards a round's"
+                            " average as keeps general-text perplexity within this at every"
+                            " device rank (1, 1/2, 1/4 or 1/8 of the way; else not at all)")
     serve.add_argument("--steps", type=int, default=20, help="local steps per round")
     serve.add_argument("--learning-rate", type=float, default=2e-3)
     serve.add_argument("--min-nodes", type=int, default=2,

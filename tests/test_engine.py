@@ -81,6 +81,19 @@ def test_the_llama_thread_runs_nested_work_in_place():
     assert first == nested != threading.get_native_id()
 
 
+def test_a_forked_child_gets_its_own_llama_thread():
+    import os
+
+    from floe_app.engine.compute import on_compute_thread
+
+    parent = on_compute_thread(threading.get_native_id)  # the parent's thread exists
+    pid = os.fork()
+    if pid == 0:  # the child: a thread of its own, not a wait on the parent's forever
+        os._exit(0 if on_compute_thread(threading.get_native_id) != parent else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_prefix_cache_gives_the_same_distribution_as_a_fresh_evaluation(engine):
     tokens = engine.chat_tokens(MESSAGES)
     longer = tokens + engine.tokenize("Red, green", special=False)

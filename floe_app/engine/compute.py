@@ -12,6 +12,7 @@ a single team (the hand-over costs tens of microseconds per token).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,15 @@ _lock = threading.Lock()
 
 def _mark() -> None:
     _local.compute = True
+
+
+def _forget_in_child() -> None:
+    # A forked child has no copy of the thread: it starts its own when it first needs one.
+    global _executor
+    _executor = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def on_compute_thread(fn: Callable[..., T], *args: object) -> T:
