@@ -379,7 +379,7 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
             model=str(bundled_model_path()), privacy=mode)
         server = server_app.Federation(settings)
         policy = server.policy
-        published, seconds, sent, steps_taken = [], [], [], []
+        published, seconds, sent, steps_taken, norms = [], [], [], [], []
         rng = np.random.default_rng(11)
         for round_number in range(1, rounds_n + 1):
             kept, device_seconds = {}, []
@@ -387,6 +387,8 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
                 rank = RANKS[user % len(RANKS)]
                 start = rounds.device_start(server.shared, rank)
                 delta, took = train(start, rank, examples, round_number * 100 + user)
+                norms.append(float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2))
+                                               for d in delta.values()))))
                 noised, _ = dp.privatize(delta, clip, policy.device_noise, rng)
                 noised = {m: a.astype(np.float32) for m, a in noised.items()}
                 sent.append(sum(a.nbytes for a in noised.values()))
@@ -422,8 +424,9 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
         rows.append(f"{name:<46} {recall:>7.0%} {logprob:>9.3f} {leaks:>6.0%}"
                     f" {accepted:>6}/{users} {sum(published):>7}/{rounds_n} {epsilon:>8}"
                     f" {np.mean(seconds):>8.1f} {np.mean(sent) / 1024:>11.0f}")
-        print(f"  {mode}: {policy.reason}; server steps by round: {', '.join(steps_taken)}",
-              flush=True)
+        print(f"  {mode}: {policy.reason}; server steps by round: {', '.join(steps_taken)};"
+              f" devices' changes before clipping: norm {min(norms):.1f} to {max(norms):.1f}"
+              f" (clip {clip:g})", flush=True)
     print(header)
     print("\n".join(rows))
     print(f"(epsilon per user over {rounds_n} rounds at delta 1e-5, add-or-remove-one, no"

@@ -590,7 +590,9 @@ def add_federation(commands: Commands) -> None:
                             " average as keeps general-text perplexity within this at every"
                             " device rank (1, 1/2, 1/4 or 1/8 of the way; else not at all)")
     serve.add_argument("--steps", type=int, default=20, help="local steps per round")
-    serve.add_argument("--learning-rate", type=float, default=2e-3)
+    serve.add_argument("--learning-rate", type=float, default=5e-3,
+                       help="devices' local learning rate (5e-3: measured, 3 devices taught"
+                            " each other 100%% of their terms; 2e-3: 0%%, 1e-2: 67%%)")
     serve.add_argument("--min-nodes", type=int, default=2,
                        help="wait for this many devices before a round")
     serve.add_argument("--round-timeout", type=float, default=900.0)
