@@ -571,8 +571,8 @@ def add_federation(commands: Commands) -> None:
                        help="total rounds (a restarted serve carries on to this number)")
     serve.add_argument("--rank", type=int, default=16, help="rank of the shared adapter")
     serve.add_argument("--clip-norm", type=float, default=20.0,
-                       help="L2 bound on one device's change (20: above an honest update's"
-                            " 11-14 at the default steps and learning rate)")
+                       help="L2 bound on one device's change (20: honest changes measured"
+                            " 12-24 at the default steps and learning rate)")
     serve.add_argument("--privacy", default="auto",
                        choices=["auto", "none", "central", "local", "distributed"],
                        help="auto (default): DP noise added by the server when enough devices"
