@@ -44,7 +44,7 @@ MODES = (("local", "local", 0), ("fused, batches", "fused", 16),
 
 def run_cell(session, mode: str, batch: int, reps: int) -> dict[str, float]:
     session.config.fusion.batch_tokens = batch
-    ttft, rate, gaps, accepted, acceptance, requests = [], [], [], [], [], []
+    ttft, rate, gaps, accepted, acceptance, requests, waited = [], [], [], [], [], [], []
     for rep in range(reps):
         done, _ = fresh_reply(session, QUESTIONS[rep % len(QUESTIONS)], mode, SYSTEM)
         stats = done.stats
@@ -53,12 +53,13 @@ def run_cell(session, mode: str, batch: int, reps: int) -> dict[str, float]:
         gaps.extend(session.last_run.stats.gaps_ms)
         cloud = stats.get("cloud", {})
         requests.append(cloud.get("requests", 0))
+        waited.append(cloud.get("waited_ms", 0.0))
         batches = cloud.get("batches", {})
         accepted.append(batches.get("accepted", 0.0))
         acceptance.append(batches.get("acceptance", 0.0))
     return {"ttft": median(ttft), "rate": median(rate), "p95": p95(gaps),
             "accepted": median(accepted), "acceptance": median(acceptance),
-            "requests": sum(requests) / len(requests)}
+            "requests": sum(requests) / len(requests), "waited": median(waited)}
 
 
 def main() -> None:
@@ -101,11 +102,11 @@ def main() -> None:
           f" cell, medians; deadline {deadline} ms"
           + "".join(f"; {item}" for item in args.fusion))
     print(f"{'rate':>5} {'RTT':>4} {'mode':<18} {'TTFT ms':>8} {'tok/s':>7} {'p95 gap':>8}"
-          f" {'from batches':>12} {'acceptance':>10} {'req/reply':>9}")
+          f" {'from batches':>12} {'acceptance':>10} {'req/reply':>9} {'waited ms':>9}")
     for rate, rtt, label, cell in rows:
         print(f"{rate:>5.0f} {rtt:>4} {label:<18} {cell['ttft']:>8.1f} {cell['rate']:>7.1f}"
               f" {cell['p95']:>8.1f} {cell['accepted']:>12.0%} {cell['acceptance']:>10.0%}"
-              f" {cell['requests']:>9.1f}")
+              f" {cell['requests']:>9.1f} {cell['waited']:>9.0f}")
     print()
     by = {(r[0], r[1], r[2]): r[3] for r in rows}
     for rate, rtt, label, _ in rows:
