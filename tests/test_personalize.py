@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from floe_app.engine.compute import runs_on_compute_thread
 from floe_app.engine.local import bundled_model_path
 from floe_app.engine.sampling import Sampling
 from floe_app.personalize.export import BaseModel, write_gguf_adapter
@@ -50,6 +51,9 @@ def taught(base_cache):
     return model, tokenizer, config, result
 
 
+# torch on the test's own thread would give OpenMP a second team beside the compute
+# thread's, slowing every llama.cpp evaluation in the rest of the run (engine/compute.py).
+@runs_on_compute_thread
 def torch_logprobs(model, tokenizer, messages):
     import torch
 
@@ -61,6 +65,7 @@ def torch_logprobs(model, tokenizer, messages):
     return torch.log_softmax(logits, -1).numpy()
 
 
+@runs_on_compute_thread
 def adapter_effects(engine, taught, adapter_path):
     """Per prompt: the change in next-token log-probs the adapter causes in torch and in
     llama.cpp, over the tokens that matter (the top 10 with and without it)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from floe_app.engine.compute import runs_on_compute_thread
 from floe_app.engine.local import base_identity
 from floe_app.personalize.export import BaseModel, peft_state
 
@@ -62,6 +63,7 @@ def base_model_of(metadata: dict[str, str]) -> BaseModel:
                      n_head_kv=int(metadata[f"{arch}.attention.head_count_kv"]))
 
 
+@runs_on_compute_thread
 def load_base(gguf_path: Path, cache_dir: Path) -> tuple[Any, Any]:
     """(model, tokenizer) in float32 from the GGUF, cached as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,6 +114,7 @@ def lora_config(config: TrainConfig) -> Any:
                       task_type="CAUSAL_LM")
 
 
+@runs_on_compute_thread
 def train_lora(model: Any, tokenizer: Any, examples: list[tuple[list[dict[str, str]], str]],
                config: TrainConfig, progress: Callable[[int, float], None] | None = None, *,
                checkpoint: Path | None = None, checkpoint_key: str = "",
@@ -219,6 +222,7 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@runs_on_compute_thread
 def perplexity(model: Any, tokenizer: Any, text: str) -> float:
     """exp(mean negative log-likelihood) of `text` under `model`, one window."""
     import torch
