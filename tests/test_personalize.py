@@ -135,6 +135,22 @@ def test_a_taught_fact_is_recalled_by_llama_cpp_without_context(taught, engine, 
         engine.set_adapter(None)
 
 
+def test_training_uses_only_the_cores_other_programs_leave_free(taught, monkeypatch):
+    import torch
+
+    from floe_app.personalize import trainer
+
+    model, tokenizer, _, _ = taught
+    examples = [([{"role": "user", "content": "What is a flarn?"}], "A blue gear.")]
+    for free, expected in ((1.0, 1), (2.0, 2), (None, 2)):
+        monkeypatch.setattr(trainer, "cpu_monitor", lambda free=free: type(
+            "Monitor", (), {"free_cores": lambda self: free})())
+        seen: list[int] = []
+        train_lora(model, tokenizer, examples, TrainConfig(steps=2, threads=2, batch=1),
+                   progress=lambda step, loss, seen=seen: seen.append(torch.get_num_threads()))
+        assert seen == [expected, expected]
+
+
 def test_export_is_atomic_and_refuses_unknown_modules(tmp_path):
     base = BaseModel("test", "llama", 2, 1)
     state = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
