@@ -236,6 +236,8 @@ class Federation:
                 return {"published": True, "withheld": None, "step": step, **facts}
             if "perplexity_rise" not in facts:
                 break  # the size check failed: a smaller step of the same change is no better
+        else:
+            problem = f"{problem}, even moved {SERVER_STEPS[-1]:g} of the way"
         return {"published": False, "withheld": problem, **facts}
 
     def check(self, old: rounds.Shared, candidate: rounds.Shared, kept: dict,
@@ -269,8 +271,7 @@ class Federation:
             worst = max(rises.values())
             return (f"not published: general-text perplexity would rise {worst:+.1%} at rank"
                     f" {', '.join(map(str, refusing))}, over the"
-                    f" {self.settings.perplexity_margin:+.0%} devices accept, even moved"
-                    f" {SERVER_STEPS[-1]:g} of the way"), facts
+                    f" {self.settings.perplexity_margin:+.0%} devices accept"), facts
         return None, facts
 
     def perplexity_rises(self, candidate: rounds.Shared, ranks: list[int]) -> dict[int, float]:
