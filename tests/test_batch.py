@@ -19,7 +19,7 @@ from floe_app.engine.fusion import CloudToken
 from floe_app.engine.local import GenerationStats
 from floe_app.engine.profiles import PRESETS
 from floe_app.engine.redact import Redactor
-from floe_app.engine.sampling import Sampling
+from floe_app.engine.sampling import Sampling, log_softmax
 from floe_app.session import ChatSession, Finished
 from tests.support.replay import ReplayCloud
 
@@ -41,7 +41,7 @@ class ScriptedDraft:
         self.cancel = cancel
         self.cancel_at = cancel_at
 
-    def choose(self, logprobs, rng):
+    def choose(self, logprobs, rng, penalty=None):
         if self.cancel is not None and len(self.done) == self.cancel_at:
             self.cancel.set()
         self.seen.append(logprobs)
@@ -138,12 +138,13 @@ def test_cancel_in_the_middle_of_a_batch_stops_and_leaves_the_cache_usable(engin
     assert again == plain
 
 
-def chooser_with(text: bytes, tokenize, finished=False, known=None, vocab=None):
+def chooser_with(text: bytes, tokenize, finished=False, known=None, vocab=None, tokens=None):
     stream = CloudStream(CloudTarget("http://x/v1", "m"))
     stream.profile = PRESETS["llama-cpp-python"]
-    stream.tokens = [CloudToken(0, text, ((text, -0.1),))]
+    stream.tokens = tokens or [CloudToken(0, text, ((text, -0.1),))]
     stream.text = text
     stream.finished = finished
+    stream.first_token_at = stream.started_at
     stream.assembler.saw_logprobs = True
 
     class Client:
@@ -175,6 +176,30 @@ def test_the_draft_is_whole_tokens_and_whole_characters(engine):
     off = chooser_with(text, tokenize)
     off.settings.batch_tokens = 0
     assert off.draft(16) == []
+
+
+def test_the_clouds_raw_numbers_get_floes_penalties_so_the_reply_stays_on_its_text(engine):
+    """A cloud reports its model's log-probabilities before its sampler's penalties (the
+    llama.cpp servers do), so its text can differ from its top number: seen with SmolLM2
+    as its own cloud, "air that scatter" written, "." on top. Fused as they came, the
+    reply took "." and left both models' text. With Floe's penalties applied to the cloud's
+    numbers too, the reply stays on the cloud's text, and the step counts as agreement."""
+    vocab = engine.vocabulary()
+    that, dot, comma = (engine.tokenize(piece, special=False)[0] for piece in (" that", ".", ","))
+    top = ((b".", -0.75), (b",", -1.37), (b" that", -2.18))
+    tokens = [CloudToken(0, b" that", top), CloudToken(5, b" scatter", ((b" scatter", -0.2),))]
+    raw = np.full(len(vocab), -20.0)  # the same model: its numbers are the cloud's
+    raw[[dot, comma, that]] = [-0.75, -1.37, -2.18]
+    penalty = np.zeros(len(vocab))
+    penalty[[dot, comma]] = -3.0  # both were written before
+    logprobs = log_softmax(raw + penalty)
+    rng = np.random.default_rng(0)
+    chooser = chooser_with(b" that scatter", None, vocab=vocab, tokens=tokens)
+    assert chooser.choose(logprobs, rng, penalty) == that
+    assert chooser.source == "agreed" and chooser.stats.agreed == 1
+    unpenalized = chooser_with(b" that scatter", None, vocab=vocab, tokens=tokens)
+    assert unpenalized.choose(logprobs, rng) == dot  # the cloud's raw top: off its text
+    assert unpenalized.source == "overruled"
 
 
 @pytest.fixture(scope="module")

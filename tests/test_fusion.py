@@ -14,6 +14,7 @@ from floe_app.engine.fusion import (
     cloud_weight,
     fuse_log_linear,
     fuse_proxy_tuning,
+    penalized,
     private_shift,
     realign,
 )
@@ -61,6 +62,18 @@ def test_weight_one_keeps_the_clouds_ranking(slm, top):
     np.testing.assert_allclose(fused, cloud, atol=1e-9)
     higher = cloud[:, None] > cloud[None, :] + 1e-9
     assert np.all((fused[:, None] > fused[None, :])[higher])
+
+
+@given(logprob_vectors, st.lists(st.floats(-30, 0), min_size=len(VOCAB), max_size=len(VOCAB)))
+def test_the_penalties_move_the_cloud_as_they_move_the_local_model(raw, shifts):
+    """Every log-ratio moves by the penalties' difference; a cloud that is the local model
+    (the same raw numbers) then gives exactly the penalized local distribution."""
+    penalty = np.array(shifts)
+    assert penalized(raw, None) is raw
+    out = penalized(raw, penalty)
+    assert normalized(out)
+    np.testing.assert_allclose(out - out[0], raw - raw[0] + penalty - penalty[0], atol=1e-6)
+    np.testing.assert_allclose(out, log_softmax(raw + penalty), atol=1e-9)
 
 
 @given(logprob_vectors)

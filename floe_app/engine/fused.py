@@ -33,6 +33,7 @@ from floe_app.engine.fusion import (
     cloud_weight,
     fuse_log_linear,
     fuse_proxy_tuning,
+    penalized,
     private_shift,
     realign,
 )
@@ -303,6 +304,14 @@ class FusedChooser:
                        + (f" ({stream.error})" if stream.error else ""))
         return candidates
 
+    def _cloud_choice(self, cloud: np.ndarray, candidates: list[tuple[bytes, float]]
+                      ) -> np.ndarray:
+        """The local tokens consistent with the cloud's likeliest candidate, with the
+        penalties (the mass its local tokens carry in `cloud`)."""
+        supports = [self.vocab.supporting(text) for text, _ in candidates]
+        return max(supports, key=lambda ids: np.logaddexp.reduce(cloud[ids]) if ids.size
+                   else -np.inf)
+
     def _draws_on_private(self, logprobs: np.ndarray, public: np.ndarray) -> bool:
         """Whether the reply draws on the private context: it moves the local distribution
         by private_kl nats or more (fusion.private_shift) here, at the local model's next
@@ -338,7 +347,8 @@ class FusedChooser:
             stream.cancel()
         self.stream = None
 
-    def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int:
+    def choose(self, logprobs: np.ndarray, rng: np.random.Generator,
+               penalty: np.ndarray | None = None) -> int:
         self.source = "local"
         if self.private is not None:
             self.private.warm()
@@ -360,9 +370,8 @@ class FusedChooser:
             return sample_token(logprobs, self.sampling, rng)
         started = time.perf_counter()
         probs = np.exp(logprobs)
-        cloud = cloud_distribution(self.vocab, logprobs, candidates, probs)
-        best = max(candidates, key=lambda c: c[1])[0]
-        agrees = bool(np.any(self.vocab.supporting(best) == local_top))
+        cloud = penalized(cloud_distribution(self.vocab, logprobs, candidates, probs), penalty)
+        agrees = local_top in self._cloud_choice(cloud, candidates)
         # Only a disagreement needs the private check (more local evaluations).
         public = None if agrees or self.private is None else self.private.without(self.tokens)
         if public is not None and self._draws_on_private(logprobs, public):
@@ -374,7 +383,8 @@ class FusedChooser:
             # Without private context or an adapter the SLM is its own base: the cloud alone.
             if self.private is not None and public is None:
                 public = self.private.without(self.tokens)
-            fused = fuse_proxy_tuning(cloud, logprobs, logprobs if public is None else public,
+            tuned = logprobs if penalty is None else logprobs - penalty  # the cloud has it
+            fused = fuse_proxy_tuning(cloud, tuned, tuned if public is None else public,
                                       self.settings.beta)
         else:
             confidence = float(np.exp(max(lp for _, lp in candidates)))

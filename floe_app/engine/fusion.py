@@ -231,6 +231,18 @@ def _normalize(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
+def penalized(cloud_logprobs: np.ndarray, penalty: np.ndarray | None) -> np.ndarray:
+    """The cloud's distribution with Floe's repetition penalties (`penalty`: what they
+    added to each local token's logit), as the local one has them.
+
+    A cloud's log-probabilities are its model's, before its own sampler's penalties: its
+    text follows the penalties, its numbers do not. Fused as they come, a cloud that decides
+    (λ = 1) would undo Floe's penalties, and its top choice would differ from the text it
+    actually wrote, so the reply would leave that text (a new request, and no batches).
+    """
+    return cloud_logprobs if penalty is None else _normalize(cloud_logprobs + penalty)
+
+
 def fuse_log_linear(slm_logprobs: np.ndarray, cloud_logprobs: np.ndarray,
                     weight: float) -> np.ndarray:
     """log p = (1 - λ)·log p_slm + λ·log q_cloud, renormalized."""

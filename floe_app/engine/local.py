@@ -143,7 +143,11 @@ class TokenChooser(Protocol):
 
     source: str  # where the last chosen token came from (engine/provenance.py)
 
-    def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int: ...
+    def choose(self, logprobs: np.ndarray, rng: np.random.Generator,
+               penalty: np.ndarray | None = None) -> int:
+        """`logprobs`: the local model's, with the repetition penalties; `penalty`: what
+        those added to each logit (None: nothing), for distributions from elsewhere."""
+        ...
 
     def accept(self, token: int, piece: bytes) -> None: ...
 
@@ -158,7 +162,8 @@ class SamplingChooser:
     sampling: Sampling
     source: str = "local"
 
-    def choose(self, logprobs: np.ndarray, rng: np.random.Generator) -> int:
+    def choose(self, logprobs: np.ndarray, rng: np.random.Generator,
+               penalty: np.ndarray | None = None) -> int:
         return sample_token(logprobs, self.sampling, rng)
 
     def accept(self, token: int, piece: bytes) -> None:
@@ -477,9 +482,11 @@ class LocalEngine:
                         drafted = []
                         scored = [self._eval(tokens)]
                         stats.decoding_s += time.perf_counter() - started
-                logits = penalize(scored.pop(0), generated, sampling, self.is_dry_breaker)
+                raw = scored.pop(0)
+                logits = penalize(raw, generated, sampling, self.is_dry_breaker)
                 logprobs = log_softmax(logits)
-                token = chooser.choose(logprobs, rng)
+                penalty = logits - raw if generated and sampling.penalizes else None
+                token = chooser.choose(logprobs, rng, penalty)
                 source = chooser.source
                 if drafted:
                     # The rows after this one assume the draft's token here.
