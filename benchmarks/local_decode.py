@@ -175,7 +175,9 @@ async def run_app(paths: Paths, home: Path, reps: int, record) -> None:
             app.query_one(PromptInput).text = PROMPT
             await pilot.press("enter")
             while app.generating:
-                await pilot.pause(0.02)
+                # Not pilot.pause(): it queues a callback on every widget and forces a
+                # screen update each time, work the app does not do for a user.
+                await asyncio.sleep(0.05)
             return dict(app.query_one(StatusBar).last_stats)
 
         await reply(FRAME_S)  # warm up

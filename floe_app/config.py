@@ -261,6 +261,13 @@ class FusionSettings:
                        "most of the cloud's tokens ahead of the reply checked in one local"
                        " batch (speculative decoding with the cloud as the drafter)"),
     )
+    keep_to_cloud_nats: float = field(
+        default=1.5,
+        metadata=_rule("a number from 0 to 5", lambda v: 0 <= v <= 5,
+                       "greedy replies keep to the cloud's own text where its token is within"
+                       " this many nats of the fused choice (leaving it costs a request and"
+                       " the cloud's tokens ahead); 0: always the fused choice"),
+    )
     max_requests: int = field(
         default=3,
         metadata=_rule("a whole number from 1 to 50", lambda v: 1 <= v <= 50,

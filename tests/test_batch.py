@@ -198,8 +198,28 @@ def test_the_clouds_raw_numbers_get_floes_penalties_so_the_reply_stays_on_its_te
     assert chooser.choose(logprobs, rng, penalty) == that
     assert chooser.source == "agreed" and chooser.stats.agreed == 1
     unpenalized = chooser_with(b" that scatter", None, vocab=vocab, tokens=tokens)
+    unpenalized.settings.keep_to_cloud_nats = 0  # the penalties alone (see the next test)
     assert unpenalized.choose(logprobs, rng) == dot  # the cloud's raw top: off its text
     assert unpenalized.source == "overruled"
+
+
+@pytest.mark.parametrize("dot, that, margin, kept", [
+    (-0.9, -1.2, 1.5, True),  # a near tie: the reply keeps to the cloud's text
+    (-0.3, -3.0, 1.5, False),  # the cloud's own numbers are against its text: fusion decides
+    (-0.9, -1.2, 0.0, False),  # keeping off: always the fused choice
+])
+def test_greedy_replies_keep_to_the_clouds_text_at_near_ties(engine, dot, that, margin, kept):
+    vocab = engine.vocabulary()
+    ids = {piece: engine.tokenize(piece, special=False)[0] for piece in (" that", ".")}
+    tokens = [CloudToken(0, b" that", ((b".", dot), (b" that", that))),
+              CloudToken(5, b" scatter", ((b" scatter", -0.2),))]
+    raw = np.full(len(vocab), -20.0)
+    raw[list(ids.values())] = -1.0  # the local model splits the text into these tokens
+    chooser = chooser_with(b" that scatter", None, vocab=vocab, tokens=tokens)
+    chooser.settings.keep_to_cloud_nats = margin
+    logprobs = log_softmax(raw)
+    token = chooser.choose(logprobs, np.random.default_rng(0))
+    assert token == ids[" that" if kept else "."]
 
 
 @pytest.fixture(scope="module")

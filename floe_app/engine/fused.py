@@ -27,6 +27,7 @@ import numpy as np
 from floe_app.config import FusionSettings
 from floe_app.engine.cloud import CANCELLED, OK, CloudClient, CloudStream, Recorder
 from floe_app.engine.fusion import (
+    LOOKAHEAD,
     Vocabulary,
     align,
     cloud_distribution,
@@ -175,6 +176,7 @@ class FusedChooser:
         self.anchor: tuple[int, int] | None = (0, 0)
         self.lost_at = 0  # where in the cloud's text the reply left it
         self.step_started: float | None = None
+        self.cloud_ahead = b""  # the cloud's own text after the reply, at the last choice
         self._start_stream()
 
     def _next_prefix(self) -> tuple[str, int]:
@@ -298,11 +300,30 @@ class FusedChooser:
             self.stats.waited_ms += (time.perf_counter() - started) * 1000
             if not self._check_stream(stream):
                 return None
+        self.cloud_ahead = stream.text[len(written):] if stream.text.startswith(written) \
+            else b""
         candidates = align(list(stream.tokens), written, stream.finished)
         if candidates is None and stream.done and stream.outcome not in (OK, CANCELLED):
             self._trip(FAILURE_TEXT.get(stream.outcome, stream.outcome)
                        + (f" ({stream.error})" if stream.error else ""))
         return candidates
+
+    def _keep_to_cloud(self, fused: np.ndarray, token: int) -> int:
+        """The cloud's own next token instead of the fused choice, where the two nearly tie
+        (fusion.keep_to_cloud_nats). The cloud's text follows its sampler's penalties, its
+        numbers do not, and Floe's penalties differ from its sampler's: near ties are where
+        they part, and leaving the cloud's text costs a new request and every token it
+        had written ahead. A step, not the distribution: sampling is left as it is."""
+        margin = self.settings.keep_to_cloud_nats
+        ahead = self.cloud_ahead[:LOOKAHEAD]
+        if margin <= 0 or not ahead:
+            return token
+        own = self.vocab.supporting(ahead)
+        own = own[[ahead.startswith(self.vocab.pieces[t]) for t in own]]  # not past its text
+        if own.size == 0:
+            return token
+        best = int(own[np.argmax(fused[own])])
+        return best if fused[best] >= fused[token] - margin else token
 
     def _cloud_choice(self, cloud: np.ndarray, candidates: list[tuple[bytes, float]]
                       ) -> np.ndarray:
@@ -397,6 +418,8 @@ class FusedChooser:
         else:
             self.stats.fused += 1
         token = sample_token(fused, self.sampling, rng)
+        if self.sampling.temperature <= 0:
+            token = self._keep_to_cloud(fused, token)
         if token != local_top:
             self.stats.overruled += 1
             self.source = "overruled"
