@@ -119,6 +119,11 @@ def test_support_is_prefixes_and_extensions_never_special_tokens():
     assert VOCAB.supporting(END).tolist() == [len(PIECES)]
     assert len(PIECES) not in VOCAB.supporting(b"a").tolist()  # b"" is no one's prefix
     assert VOCAB.supporting(b"\xff\xff").size == 0
+    # Prefixes only: what writes nothing past the text (" th" and " the" run past " t").
+    assert {PIECES[i] for i in VOCAB.prefixes(b" t").tolist()} == {b" ", b" t"}
+    assert {PIECES[i] for i in VOCAB.prefixes(b" there").tolist()} == {b" ", b" t", b" th",
+                                                                      b" the"}
+    assert VOCAB.prefixes(b"").size == 0
 
 
 @given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1))

@@ -318,8 +318,7 @@ class FusedChooser:
         ahead = self.cloud_ahead[:LOOKAHEAD]
         if margin <= 0 or not ahead:
             return token
-        own = self.vocab.supporting(ahead)
-        own = own[[ahead.startswith(self.vocab.pieces[t]) for t in own]]  # not past its text
+        own = self.vocab.prefixes(ahead)  # local tokens that write nothing past its text
         if own.size == 0:
             return token
         best = int(own[np.argmax(fused[own])])
@@ -329,9 +328,9 @@ class FusedChooser:
                       ) -> np.ndarray:
         """The local tokens consistent with the cloud's likeliest candidate, with the
         penalties (the mass its local tokens carry in `cloud`)."""
+        probs = np.exp(cloud)
         supports = [self.vocab.supporting(text) for text, _ in candidates]
-        return max(supports, key=lambda ids: np.logaddexp.reduce(cloud[ids]) if ids.size
-                   else -np.inf)
+        return max(supports, key=lambda ids: float(probs[ids].sum()))
 
     def _draws_on_private(self, logprobs: np.ndarray, public: np.ndarray) -> bool:
         """Whether the reply draws on the private context: it moves the local distribution

@@ -73,6 +73,12 @@ class Vocabulary:
             self._support_cache[candidate] = cached
         return cached
 
+    def prefixes(self, text: bytes) -> np.ndarray:
+        """SLM tokens whose text is a prefix of `text` (or all of it): those that write
+        nothing but what `text` says."""
+        return np.array([t for k in range(1, len(text) + 1)
+                         for t in self.by_piece.get(text[:k], ())], dtype=np.int64)
+
     def _supporting(self, candidate: bytes) -> np.ndarray:
         """SLM tokens whose text is consistent with the candidate: a prefix of it, or it
         and more (the SLM token then runs past what the cloud has said)."""
