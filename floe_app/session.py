@@ -28,6 +28,7 @@ from floe_app.engine.cloud import (
     Recorder,
 )
 from floe_app.engine.fused import FAILURE_TEXT, FusedChooser, FusionStats, PrivateCheck
+from floe_app.engine.hardware import cpu_info
 from floe_app.engine.local import GenerationStats, LocalEngine, ProgressCallback, resolve_model_path
 from floe_app.engine.probe import probe
 from floe_app.engine.profiles import CloudProfile, ProfileCache
@@ -541,9 +542,14 @@ class ChatSession:
             # move the local choice decides how far the cloud is trusted (fusion.py).
             base = self.base_engine()
             base_prompt = base.chat_tokens(run.public_messages)
+            spare = cpu_info().physical_cores - engine.max_threads
+            base.set_threads(spare if spare > 0 else engine.max_threads)
             private = PrivateCheck(
                 with_private=lambda generated: engine.next_token_logprobs(tokens + generated),
-                without=lambda generated: base.next_token_logprobs(base_prompt + generated))
+                without=lambda generated: base.next_token_logprobs(base_prompt + generated),
+                beside=spare > 0)
+            if private.beside:
+                private.warm()
         chooser = FusedChooser(engine.vocabulary(), client, cloud_messages, run.redactor,
                                self.config.fusion, sampling, run.fusion, private,
                                run.recorder, lambda text: engine.tokenize(text, special=False))

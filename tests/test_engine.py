@@ -1,6 +1,7 @@
 """The local engine against the real bundled SmolLM2 GGUF through llama-cpp-python."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -79,6 +80,49 @@ def test_the_llama_thread_runs_nested_work_in_place():
         return threading.get_native_id(), on_compute_thread(threading.get_native_id)
     first, nested = on_compute_thread(outer)
     assert first == nested != threading.get_native_id()
+
+
+def test_a_job_in_its_own_team_runs_in_place_and_only_inside():
+    """The private check's public-prompt read beside a reply (a core free of its threads)
+    evaluates on its own thread; afterwards that thread hands work over again."""
+    from floe_app.engine.compute import on_compute_thread, own_team
+
+    seen: dict[str, int] = {}
+
+    def job() -> None:
+        with own_team():
+            seen["inside"] = on_compute_thread(threading.get_native_id)
+        seen["after"] = on_compute_thread(threading.get_native_id)
+        seen["self"] = threading.get_native_id()
+    worker = threading.Thread(target=job)
+    worker.start()
+    worker.join()
+    assert seen["inside"] == seen["self"] != seen["after"]
+    assert seen["after"] == on_compute_thread(threading.get_native_id)
+
+
+def test_the_public_prompt_is_read_beside_the_reply_only_where_a_core_is_free():
+    """Beside: in the reading thread's own team; else handed to the compute thread, as the
+    engine's evaluations are (the stand-in evaluation below goes the same way)."""
+    from floe_app.engine.compute import on_compute_thread
+    from floe_app.engine.fused import PrivateCheck
+
+    compute = on_compute_thread(threading.get_native_id)
+    for beside in (True, False):
+        readers: list[int] = []
+
+        def evaluate(done, readers=readers):
+            return on_compute_thread(lambda: (readers.append(threading.get_native_id()),
+                                              np.zeros(1))[1])
+        check = PrivateCheck(evaluate, evaluate, beside=beside)
+        check.warm()
+        check.warm()  # once
+        deadline = time.monotonic() + 10
+        while not readers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert len(readers) == 1
+        assert (readers[0] != compute) == beside
 
 
 def test_a_forked_child_gets_its_own_llama_thread():

@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -54,6 +55,19 @@ def on_compute_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> 
                 _executor = ThreadPoolExecutor(1, thread_name_prefix="floe-compute",
                                                initializer=_mark)
     return _executor.submit(fn, *args, **kwargs).result()
+
+
+@contextmanager
+def own_team() -> Iterator[None]:
+    """This thread's evaluations run in place, in an OpenMP team of its own, instead of on
+    the compute thread. Only for a short job whose threads, with the compute thread's,
+    fit the cores (a second prompt read beside a reply that leaves a core free); the
+    team goes when the thread ends."""
+    _local.compute = True
+    try:
+        yield
+    finally:
+        _local.compute = False
 
 
 def runs_on_compute_thread(fn: Callable[P, T]) -> Callable[P, T]:

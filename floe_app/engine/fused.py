@@ -26,6 +26,7 @@ import numpy as np
 
 from floe_app.config import FusionSettings
 from floe_app.engine.cloud import CANCELLED, OK, CloudClient, CloudStream, Recorder
+from floe_app.engine.compute import own_team
 from floe_app.engine.fusion import (
     LOOKAHEAD,
     Vocabulary,
@@ -115,9 +116,11 @@ class PrivateCheck:
     and without the user's private context and adapter (two llama.cpp contexts)."""
 
     def __init__(self, with_private: Callable[[list[int]], np.ndarray],
-                 without: Callable[[list[int]], np.ndarray]) -> None:
+                 without: Callable[[list[int]], np.ndarray], beside: bool = False) -> None:
         self.with_private = with_private
         self._without = without
+        # The reply's threads leave a core free: read the public prompt beside its own.
+        self.beside = beside
         self._seen: dict[tuple[int, ...], np.ndarray] = {}
         self._lock = threading.Lock()
         self._warmed = False
@@ -133,14 +136,24 @@ class PrivateCheck:
 
     def warm(self) -> None:
         """Read the prompt without private context in the background (once), so a check
-        at the first disagreement costs no prompt reading. Called once the local model has
-        read its own prompt: both contexts evaluate on the one llama.cpp thread (compute.py),
-        and the first token must not wait for the second prompt."""
+        at the first disagreement costs no prompt reading. `beside`: at once, in a thread
+        team of its own on the free cores, while the local model reads its prompt. Else
+        once the local model has read its own prompt: both contexts then evaluate on the
+        one llama.cpp thread (compute.py), and the first token must not wait for the
+        second prompt (measured with 1 of 2 cores for the reply: fused 34.5 tokens/s after
+        the first token, 48.2 beside it)."""
         if self._warmed:
             return
         self._warmed = True
-        threading.Thread(target=self.without, args=([],), daemon=True,
+        threading.Thread(target=self._read_prompt, daemon=True,
                          name="floe-public-prompt").start()
+
+    def _read_prompt(self) -> None:
+        if self.beside:
+            with own_team():
+                self.without([])
+        else:
+            self.without([])
 
 
 class FusedChooser:
