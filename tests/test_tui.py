@@ -335,3 +335,27 @@ async def test_streamed_text_reaches_the_view_a_frame_at_a_time(monkeypatch):
         await pilot.pause()
         assert writes == ["".join(pieces), " and more"]  # one update per frame, not per token
         assert view.body.source == "".join(pieces) + " and more"
+
+
+async def test_a_streaming_paragraph_asks_for_a_layout_only_when_its_height_changes():
+    """A layout re-arranges and repaints the whole screen; a frame that only lengthens the
+    reply's last line needs a repaint of that paragraph alone."""
+    from textual.content import Content
+
+    from floe_app.tui.widgets.chat import ReplyMarkdown, ReplyParagraph
+
+    class Host(App):
+        def compose(self):
+            yield ReplyMarkdown("Hello")
+
+    async with Host().run_test(size=(40, 12)) as pilot:
+        await pilot.pause()
+        paragraph = pilot.app.query_one(ReplyParagraph)
+        assert paragraph.size.height == 1
+        paragraph.set_content(Content("Hello there"))  # still one line
+        assert not paragraph._layout_required
+        await pilot.pause()
+        paragraph.set_content(Content("word " * 20))  # wraps: taller
+        assert paragraph._layout_required
+        await pilot.pause()
+        assert paragraph.size.height >= 3
