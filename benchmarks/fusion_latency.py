@@ -8,7 +8,9 @@ round trip, then --rates tokens/s), behind the FaultProxy, which delays every by
 RTT/2 each way (no tc/netem on this kernel). Every reply starts from a cold local cache;
 greedy, the same questions for every cell. For each rate and round trip: local alone,
 fused with batches of the cloud's tokens (fusion.batch_tokens = 16), and fused token by
-token (batch_tokens = 0), in the same run.
+token (batch_tokens = 0), in the same run. Then the same three against the live stand-in at
+its own pace (--live-rtts): it decodes on the machine's other core, so it is no faster than
+the local model, the case where batches must not cost anything.
 
     .venv/bin/python -m benchmarks.fusion_latency [--reps 5] [--max-tokens 64]
 """
@@ -43,8 +45,10 @@ MODES = (("local", "local", 0), ("fused, batches", "fused", 16),
 
 
 def run_cell(session, replay, mode: str, batch: int, reps: int) -> dict[str, float]:
+    """`replay` None: the session's cloud is the live stand-in itself."""
     session.config.fusion.batch_tokens = batch
-    replay.reset_counts()
+    if replay is not None:
+        replay.reset_counts()
     ttft, rate, gaps, accepted, acceptance, requests, waited = [], [], [], [], [], [], []
     for rep in range(reps):
         done, _ = fresh_reply(session, QUESTIONS[rep % len(QUESTIONS)], mode, SYSTEM)
@@ -63,7 +67,7 @@ def run_cell(session, replay, mode: str, batch: int, reps: int) -> dict[str, flo
             "requests": sum(requests) / len(requests), "waited": median(waited),
             # Requests the recording lacked (a re-ask from a prefix the recording pass did
             # not reach): the live stand-in answered them, at its own pace, on a shared core.
-            "live": replay.stats["forwarded"] / reps}
+            "live": (replay.stats["forwarded"] if replay is not None else sum(requests)) / reps}
 
 
 def main() -> None:
@@ -72,6 +76,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rates", default="100,150")
     parser.add_argument("--rtts", default="50,150,400")
+    parser.add_argument("--live-rtts", default="50",
+                        help="round trips for cells with the live stand-in at its own pace"
+                             " (on this machine's other core: slower than the local model)")
     add_fusion_option(parser)
     args = parser.parse_args()
     overrides = fusion_overrides(parser, args.fusion)
@@ -80,6 +87,7 @@ def main() -> None:
     replay = ReplayCloud(folder / "recording.jsonl", server.base_url, ttft_ms=0,
                          tokens_per_s=10_000)
     proxy = FaultProxy("127.0.0.1", replay.port)
+    live = FaultProxy("127.0.0.1", server.port)
     rows = []
     try:
         session = make_session(proxy, args.max_tokens, model=MODEL,
@@ -97,7 +105,14 @@ def main() -> None:
                 for label, mode, batch in MODES:
                     cell = run_cell(session, replay, mode, batch, args.reps)
                     rows.append((rate, rtt, label, cell))
+        live_session = make_session(live, args.max_tokens, model=MODEL,
+                                    cloud={"provider": "llama-cpp-python"}, **overrides)
+        for rtt in [int(r) for r in args.live_rtts.split(",") if r]:
+            live.faults.delay_s = rtt / 2000
+            for label, mode, batch in MODES:
+                rows.append((0, rtt, label, run_cell(live_session, None, mode, batch, args.reps)))
     finally:
+        live.close()
         proxy.close()
         replay.close()
         server.stop()
@@ -110,7 +125,8 @@ def main() -> None:
           f" {'from batches':>12} {'acceptance':>10} {'req/reply':>9} {'live/reply':>10}"
           f" {'waited ms':>9}")
     for rate, rtt, label, cell in rows:
-        print(f"{rate:>5.0f} {rtt:>4} {label:<18} {cell['ttft']:>8.1f} {cell['rate']:>7.1f}"
+        shown = f"{rate:.0f}" if rate else "live"
+        print(f"{shown:>5} {rtt:>4} {label:<18} {cell['ttft']:>8.1f} {cell['rate']:>7.1f}"
               f" {cell['p95']:>8.1f} {cell['accepted']:>12.0%} {cell['acceptance']:>10.0%}"
               f" {cell['requests']:>9.1f} {cell['live']:>10.1f} {cell['waited']:>9.0f}")
     print()
@@ -121,7 +137,8 @@ def main() -> None:
         local = by[(rate, rtt, "local")]
         batched = by[(rate, rtt, "fused, batches")]
         plain = by[(rate, rtt, "fused, one by one")]
-        print(f"{rate:.0f} tok/s, RTT {rtt} ms: fused/local tokens/s"
+        cloud = f"{rate:.0f} tok/s" if rate else "live stand-in"
+        print(f"{cloud}, RTT {rtt} ms: fused/local tokens/s"
               f" {batched['rate'] / local['rate']:.2f}x (target >= 1.5x), one by one"
               f" {plain['rate'] / local['rate']:.2f}x; TTFT fused - local"
               f" {batched['ttft'] - local['ttft']:+.1f} ms (target <= +10);"
