@@ -140,8 +140,8 @@ class PrivateCheck:
         team of its own on the free cores, while the local model reads its prompt. Else
         once the local model has read its own prompt: both contexts then evaluate on the
         one llama.cpp thread (compute.py), and the first token must not wait for the
-        second prompt (measured with 1 of 2 cores for the reply: fused 34.5 tokens/s after
-        the first token, 48.2 beside it)."""
+        second prompt (measured with 1 of 2 cores for the reply, local 45 tokens/s: fused
+        34.5 reading it after the first token, 42.8-45.5 beside it)."""
         if self._warmed:
             return
         self._warmed = True

@@ -29,8 +29,8 @@ TINTS = {"local": "", "private": "magenta", "agreed": "green", "overruled": "yel
 class ReplyParagraph(MarkdownParagraph):
     """A paragraph that asks for a layout only when its height changes. A streaming reply
     grows its last paragraph every frame, and a layout re-arranges and repaints the whole
-    screen: ~13 ms of the UI thread a frame (profiled), taken from the cores llama.cpp
-    decodes on; most frames only lengthen the last line."""
+    screen, the largest part of a frame's 8-13 ms on the UI thread (profiled), taken from
+    the cores llama.cpp decodes on; most frames only lengthen the last line."""
 
     def set_content(self, content: Content) -> None:
         width = self.content_size.width
