@@ -24,7 +24,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check floe_app tests benchmarks plugins
-	$(BIN)/python -m pytest -m "not servers"
+	$(BIN)/python -m pytest -m "not servers" --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not servers"
