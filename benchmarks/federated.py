@@ -318,13 +318,15 @@ PRIVACY_MODES = [  # (name, --privacy, noise multiplier (None: from epsilon 8), 
 
 
 def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
-                  threads: int, lr: float, modes: list[str]) -> None:
+                  threads: int, lr: float, modes: list[str],
+                  ranks: tuple[int, ...] = RANKS, shared_rank: int = SHARED_RANK) -> None:
     """Each mode through the real server (server_app.Federation: aggregation, its norm and
     perplexity check, publish or withhold) and the real device steps (train B with A
     frozen, clip, noise if the mode says so, the device's llama.cpp perplexity gate), with
     `floe federation serve`'s defaults (clip 20, epsilon target 8, shared rank 16; the
-    learning rate is --privacy-lr), devices at ranks 4/8/16; then what each device ends
-    with is evaluated as in part 3."""
+    learning rate is --privacy-lr), devices at ranks 4/8/16 (--privacy-ranks and
+    --privacy-shared-rank try fewer coordinates); then what each device ends with is
+    evaluated as in part 3."""
     from floe_app.federated import server_app
     from floe_app.federated.client import LocalBase, perplexity_rise
     from floe_app.personalize.export import peft_factors, peft_state, write_gguf_adapter
@@ -358,7 +360,8 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
         return "".join(s.text for s in engine.generate(
             tokens, Sampling(temperature=0, max_tokens=32)))
 
-    print(f"\n4. Privacy modes: {users} devices (ranks {RANKS[:users]}), one glossary term"
+    print(f"\n4. Privacy modes: {users} devices (ranks {ranks[:users]}, shared rank"
+          f" {shared_rank}), one glossary term"
           f" each (a correction) and one pet (a memory note); {rounds_n} rounds x {steps}"
           f" local steps, lr {lr:g}; the real server check and device gate")
     header = (f"{'mode':<46} {'recall':>7} {'log-prob':>9} {'leaks':>6} {'kept by':>8}"
@@ -373,7 +376,7 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
         if mode not in modes:
             continue
         settings = server_app.Settings(
-            rounds=rounds_n, rank=SHARED_RANK, clip_norm=clip,
+            rounds=rounds_n, rank=shared_rank, clip_norm=clip,
             noise_multiplier=-1.0 if noise is None else noise, steps=steps, learning_rate=lr,
             min_nodes=users, round_timeout=1.0, state_dir=root / f"server-{mode}",
             model=str(bundled_model_path()), privacy=mode)
@@ -384,7 +387,7 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
         for round_number in range(1, rounds_n + 1):
             kept, device_seconds = {}, []
             for user, examples in enumerate(pairs):
-                rank = RANKS[user % len(RANKS)]
+                rank = ranks[user % len(ranks)]
                 start = rounds.device_start(server.shared, rank)
                 delta, took = train(start, rank, examples, round_number * 100 + user)
                 norms.append(float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2))
@@ -404,7 +407,7 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
                 print(f"  {mode}, round {round_number}: {outcome['withheld']}", flush=True)
         adapters, accepted = {}, 0
         for user in range(users):
-            rank = RANKS[user % len(RANKS)]
+            rank = ranks[user % len(ranks)]
             start = rounds.device_start(server.shared, rank)
             if not any(b.any() for b, _ in start.values()):
                 adapters[user] = None
@@ -458,6 +461,9 @@ def main() -> None:
     parser.add_argument("--privacy-users", type=int, default=3)
     parser.add_argument("--privacy-lr", type=float, default=SERVE_LEARNING_RATE)
     parser.add_argument("--privacy-modes", default="auto,central,local")
+    parser.add_argument("--privacy-ranks", default="4,8,16",
+                        help="device ranks in part 4, in turn (each at most the shared rank)")
+    parser.add_argument("--privacy-shared-rank", type=int, default=SHARED_RANK)
     parser.add_argument("--privacy-steps", type=int, default=20,
                         help="local steps per round in part 4 (serve's default: 20)")
     parser.add_argument("--threads", type=int, default=2)
@@ -478,7 +484,9 @@ def main() -> None:
         quality(args.users, args.rounds, args.local_steps, base_cache)
     if "privacy" in parts:
         privacy_modes(args.privacy_users, args.rounds, args.privacy_steps, base_cache,
-                      args.threads, args.privacy_lr, args.privacy_modes.split(","))
+                      args.threads, args.privacy_lr, args.privacy_modes.split(","),
+                      tuple(int(r) for r in args.privacy_ranks.split(",")),
+                      args.privacy_shared_rank)
 
 
 if __name__ == "__main__":
