@@ -95,6 +95,11 @@ def diverged(written: bytes, cloud_text: bytes) -> bool:
     return written[:n] != cloud_text[:n]
 
 
+def beyond(written: bytes, cloud_text: bytes) -> bytes:
+    """The cloud's text past what the reply wrote; b"" where the reply left it or is ahead."""
+    return cloud_text[len(written):] if cloud_text.startswith(written) else b""
+
+
 def common_prefix(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -244,8 +249,8 @@ class FusedChooser:
         self._start_stream()
 
     def _written(self, stream: CloudStream) -> bytes | None:
-        """The reply as the cloud's text would have it: its own text up to the anchor, then
-        the reply since; None while the reply has left the cloud's text."""
+        """_as_cloud_text, after finding the reply's place in the cloud's text again if it
+        had left it; None while it has left it (or just did)."""
         if self.anchor is None:
             at = realign(self.reply, stream.text, self.lost_at)
             if at is None:
@@ -254,12 +259,18 @@ class FusedChooser:
                 return None
             self.anchor = (len(self.reply), at)
             self.stats.realigned += 1
-        reply_at, cloud_at = self.anchor
-        written = stream.text[:cloud_at] + self.reply[reply_at:]
+        written = self._as_cloud_text(stream)
         if diverged(written, stream.text):
             self._left_cloud_text(stream, written)
             return None
         return written
+
+    def _as_cloud_text(self, stream: CloudStream) -> bytes:
+        """The reply as the cloud's text would have it (while anchored): the cloud's own
+        text up to the anchor, then the reply since."""
+        assert self.anchor is not None
+        reply_at, cloud_at = self.anchor
+        return stream.text[:cloud_at] + self.reply[reply_at:]
 
     def _check_stream(self, stream: CloudStream) -> bool:
         """False (and the breaker tripped) if this stream cannot be fused."""
@@ -313,8 +324,7 @@ class FusedChooser:
             self.stats.waited_ms += (time.perf_counter() - started) * 1000
             if not self._check_stream(stream):
                 return None
-        self.cloud_ahead = stream.text[len(written):] if stream.text.startswith(written) \
-            else b""
+        self.cloud_ahead = beyond(written, stream.text)
         candidates = align(list(stream.tokens), written, stream.finished)
         if candidates is None and stream.done and stream.outcome not in (OK, CANCELLED):
             self._trip(FAILURE_TEXT.get(stream.outcome, stream.outcome)
@@ -448,10 +458,8 @@ class FusedChooser:
         if self.tokenize is None or stream is None or stream.profile is None or \
                 self.anchor is None or limit < 2:
             return []
-        reply_at, cloud_at = self.anchor
-        written = stream.text[:cloud_at] + self.reply[reply_at:]
-        ahead = stream.text[len(written):]
-        if len(ahead) < 2 or diverged(written, stream.text):
+        ahead = beyond(self._as_cloud_text(stream), stream.text)
+        if len(ahead) < 2:
             return []
         try:
             text = ahead.decode("utf-8")

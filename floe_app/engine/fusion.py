@@ -86,16 +86,13 @@ class Vocabulary:
             return self.end_ids
         if not candidate:
             return np.empty(0, dtype=np.int64)
-        prefixes = [t for k in range(1, len(candidate))
-                    for t in self.by_piece.get(candidate[:k], ())]
+        shorter = self.prefixes(candidate[:-1])  # the candidate itself is among `extending`
         lo = bisect.bisect_left(self.sorted_pieces, candidate)
         upper = _successor(candidate)
         hi = (len(self.sorted_pieces) if upper is None
               else bisect.bisect_left(self.sorted_pieces, upper, lo))
         extending = self.sorted_ids[lo:hi]
-        if not prefixes:
-            return extending
-        return np.concatenate([np.array(prefixes, dtype=np.int64), extending])
+        return np.concatenate([shorter, extending]) if shorter.size else extending
 
 
 def align(tokens: list[CloudToken], written: bytes, finished: bool
