@@ -573,13 +573,17 @@ def add_federation(commands: Commands) -> None:
     serve.add_argument("--clip-norm", type=float, default=20.0,
                        help="L2 bound on one device's change (20: honest changes measured"
                             " 12-24 at the default steps and learning rate)")
+    serve.add_argument("--secure-aggregation", choices=["on", "off"], default="on",
+                       help="on (default): the server sees only each round's sum (Flower's"
+                            " SecAgg+), not one device's change; off: it sees and checks"
+                            " every update (needed for --privacy central)")
     serve.add_argument("--privacy", default="auto",
                        choices=["auto", "none", "central", "local", "distributed"],
-                       help="auto (default): DP noise added by the server when enough devices"
-                            " per round can bear it, else none (said to every device); none;"
-                            " central (the server adds the noise once to the sum); local"
-                            " (every device adds it); distributed needs secure aggregation"
-                            " (not available)")
+                       help="auto (default): DP noise when enough devices per round can bear"
+                            " it, else none (said to every device); none; distributed (every"
+                            " device adds a share of the noise; secure aggregation only);"
+                            " central (the server adds it once to the sum; needs"
+                            " --secure-aggregation off); local (every device adds all of it)")
     serve.add_argument("--epsilon", type=float, default=8.0,
                        help="DP target per user over all rounds, at --delta")
     serve.add_argument("--delta", type=float, default=1e-5)
@@ -627,14 +631,17 @@ def cmd_federation(args: argparse.Namespace) -> int:
                     "learning-rate": args.learning_rate, "min-nodes": args.min_nodes,
                     "round-timeout": args.round_timeout, "privacy": args.privacy,
                     "epsilon": args.epsilon, "delta": args.delta,
-                    "perplexity-margin": args.perplexity_margin},
+                    "perplexity-margin": args.perplexity_margin,
+                    "secure-aggregation": args.secure_aggregation == "on"},
         host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile, ssl_ca_certfile=args.ssl_ca_certfile,
         supernode_auth=args.supernode_auth, keep=args.keep)
-    if args.privacy == "distributed":
-        from floe_app.federated.privacy import NO_SECURE_AGGREGATION
+    secure = args.secure_aggregation == "on"
+    if (args.privacy == "distributed" and not secure) or (args.privacy == "central" and secure):
+        from floe_app.federated.privacy import CENTRAL_NEEDS_UPDATES, NO_SECURE_AGGREGATION
 
-        print(f"floe: --privacy distributed: {NO_SECURE_AGGREGATION}", file=sys.stderr)
+        why = CENTRAL_NEEDS_UPDATES if secure else NO_SECURE_AGGREGATION
+        print(f"floe: --privacy {args.privacy}: {why}", file=sys.stderr)
         return 2
     problem = service.superlink_problem(options)
     if problem is not None:
@@ -651,8 +658,9 @@ def cmd_federation(args: argparse.Namespace) -> int:
               flush=True)
         run_id = operator.submit()
         print(f"Run {run_id}: {args.rounds} rounds at rank {args.rank}, clip"
-              f" {args.clip_norm:g}, privacy {args.privacy} (the server's first line says"
-              " what it chose and why)", flush=True)
+              f" {args.clip_norm:g}, secure aggregation {args.secure_aggregation}, privacy"
+              f" {args.privacy} (the server's first line says what it chose and why)",
+              flush=True)
         status = operator.follow(run_id, lambda line: print(line, flush=True))
         print(f"Run {run_id} {status}", flush=True)
         if not status.startswith("finished:completed"):

@@ -467,7 +467,7 @@ def federation_server(tmp_path, mode, noise=-1.0):
     settings = server_app.Settings(
         rounds=2, rank=8, clip_norm=1.0, noise_multiplier=noise, steps=1, learning_rate=0.01,
         min_nodes=3, round_timeout=1.0, state_dir=tmp_path / "state",
-        model=str(bundled_model_path()), privacy=mode)
+        model=str(bundled_model_path()), privacy=mode, secure_aggregation=mode != "central")
     return server_app.Federation(settings)
 
 
@@ -484,14 +484,14 @@ def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
     server = federation_server(tmp_path, "none")
     assert server.policy.mode == "none" and server.policy.reason.startswith("the operator")
     before = server.shared
-    outcome = server.combine(1, updates_for(server, 0.002))
+    outcome = server.combine(1, *server.plain_target(updates_for(server, 0.002)))
     assert outcome["published"] and outcome["withheld"] is None
     assert abs(outcome["perplexity_rise"]["8"]) < 0.05
     assert server.shared is not before
     # A change too large for the devices' gate at full size (+33% measured): the server
     # moves only part of the way, as far as their gate accepts.
     before = server.shared
-    outcome = server.combine(2, updates_for(server, 0.3, seed=1))
+    outcome = server.combine(2, *server.plain_target(updates_for(server, 0.3, seed=1)))
     assert outcome["published"] and outcome["step"] < 1
     assert f"moved {outcome['step']:g} of the way" in service.describe(
         {"event": "round", "round": 2, "nodes": 3, "accepted": {}, "refused": {},
@@ -504,7 +504,7 @@ def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
     # Changes (honest in norm, as no noise is involved) that wreck general text even an
     # eighth of the way: withheld.
     kept = server.shared
-    outcome = server.combine(3, updates_for(server, 4.0, seed=1))
+    outcome = server.combine(3, *server.plain_target(updates_for(server, 4.0, seed=1)))
     assert not outcome["published"] and outcome["perplexity_rise"]["8"] > 0.05
     assert "perplexity would rise" in outcome["withheld"] and "0.125 of the way" in outcome[
         "withheld"]
@@ -512,7 +512,7 @@ def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
     # Central DP at noise x1 among 3 devices: the noise dominates, caught by the norm.
     server = federation_server(tmp_path / "central", "central", noise=1.0)
     before = server.shared
-    outcome = server.combine(1, updates_for(server, 0.002))
+    outcome = server.combine(1, *server.plain_target(updates_for(server, 0.002)))
     assert not outcome["published"] and "DP noise x1.00 on 3 devices" in outcome["withheld"]
     assert outcome["change_norm"] > 100 * outcome["norm_bound"] / 2
     assert server.shared is before
@@ -523,13 +523,16 @@ def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
     assert "shared adapter unchanged, not published: the aggregate changes" in line
 
 
-def test_serve_refuses_distributed_dp_and_status_json_has_the_privacy(paths, capsys):
+def test_serve_refuses_dp_its_aggregation_cannot_give_and_status_json_has_the_privacy(paths, capsys):
     import json
 
     from floe_app.cli import main
 
-    assert main(["federation", "serve", "--privacy", "distributed"]) == 2
+    assert main(["federation", "serve", "--privacy", "distributed",
+                 "--secure-aggregation", "off"]) == 2
     assert "needs secure aggregation" in capsys.readouterr().err
+    assert main(["federation", "serve", "--privacy", "central"]) == 2
+    assert "which secure aggregation hides" in capsys.readouterr().err
     assert main(["sync", "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["privacy"].startswith("Privacy: no federation round received yet")

@@ -134,6 +134,23 @@ def test_a_round_is_flexlora_of_the_devices_products(devices, seed):
                                    atol=1e-4)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.sampled_from([1, 2, 4, 8]), min_size=1, max_size=6), st.integers(0, 1000))
+def test_secure_aggregations_average_gives_flexlora_with_every_device_counted_once(ranks, seed):
+    """What secure aggregation yields (the mean of the changes padded to the shared rank,
+    and the ranks) rebuilds mean_b with equal weights exactly."""
+    rng = np.random.default_rng(seed)
+    shared = {m: ((0.1 * rng.standard_normal(b.shape)).astype(np.float32), a)
+              for m, (b, a) in rounds.initial(SHAPES, rank=8, seed=seed).items()}
+    updates = [({m: rng.standard_normal((out, r)).astype(np.float32)
+                 for m, (out, _) in SHAPES.items()}, r, 1) for r in ranks]
+    padded = {m: np.mean([np.pad(d[m], ((0, 0), (0, 8 - r))) for d, r, _ in updates], axis=0)
+              for m in SHAPES}
+    from_sum = rounds.mean_b_of_sum(shared, padded, ranks)
+    for module, expected in rounds.mean_b(shared, updates).items():
+        np.testing.assert_allclose(from_sum[module], expected, atol=1e-5)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.floats(0.01, 1.0), st.integers(0, 1000))
 def test_a_server_step_moves_that_far_along_the_round_s_change(step, seed):
@@ -230,12 +247,24 @@ def test_auto_uses_dp_only_when_the_devices_can_bear_its_noise():
     crowd = privacy.choose("auto", expected_nodes=needed, **common)
     assert crowd.mode == "central" and crowd.noise_multiplier == z
     assert crowd.epsilon <= 8.0 and crowd.device_noise == 0 and crowd.release_noise == z
-    # The operator may force a mode; distributed DP is refused without secure aggregation.
+    # Under secure aggregation the server cannot add it: devices add shares of it, each
+    # z / sqrt(t) for the t devices any sum holds at least, so any sum has all of it.
+    secure_team = privacy.choose("auto", expected_nodes=3, secure_aggregation=True, **common)
+    assert secure_team.mode == "none" and secure_team.secure_aggregation
+    shares = privacy.choose("auto", expected_nodes=needed, secure_aggregation=True, **common)
+    t = needed // 2 + 1
+    assert shares.mode == "distributed" and shares.sum_threshold == t
+    assert shares.device_noise == pytest.approx(z / math.sqrt(t))
+    assert shares.release_noise == z and shares.epsilon == crowd.epsilon
+    # The operator may force a mode; distributed DP is refused without secure aggregation,
+    # central DP with it (the server would have to clip single updates).
     local = privacy.choose("local", expected_nodes=3, noise_multiplier=1.0, **common)
     assert local.device_noise == 1.0 and local.epsilon == pytest.approx(7.08, abs=0.01)
     assert privacy.choose("none", expected_nodes=5000, **common).mode == "none"
     with pytest.raises(ValueError, match="secure aggregation"):
         privacy.choose("distributed", expected_nodes=5000, **common)
+    with pytest.raises(ValueError, match="clip every single update"):
+        privacy.choose("central", expected_nodes=5000, secure_aggregation=True, **common)
 
 
 def test_the_policy_reaches_devices_intact():
@@ -251,7 +280,13 @@ def test_the_policy_reaches_devices_intact():
     old = privacy.Policy.from_record({"noise-multiplier": 1.0, "clip-norm": 1.0})
     assert old.mode == "local" and old.device_noise == 1.0
     with pytest.raises(ValueError, match="unknown privacy mode"):
+        privacy.Policy.from_record({**record, "privacy": "shuffled"})
+    with pytest.raises(ValueError, match="distributed DP without secure aggregation"):
         privacy.Policy.from_record({**record, "privacy": "distributed"})
+    shares = privacy.choose("distributed", expected_nodes=4, rounds=3, coordinates=100,
+                            clip_norm=2.0, target_epsilon=8.0, delta=1e-6,
+                            secure_aggregation=True)
+    assert privacy.Policy.from_record({**shares.record(), "clip-norm": 2.0}) == shares
 
 
 def test_the_privacy_statement_is_true_for_each_mode():
@@ -272,6 +307,18 @@ def test_the_privacy_statement_is_true_for_each_mode():
     assert "noise x1.00 added on this device" in local and "against the operator too" in local
     for statement in (none, chosen, text, local):
         assert "never text" in statement and "no secure aggregation" in statement
+    # Under secure aggregation (the default): the operator sees only sums.
+    secure = privacy.statement(privacy.choose("auto", secure_aggregation=True, **common))
+    assert "sees only the sum of a round's changes from at least 2 devices" in secure
+    assert "quantized and masked" in secure and "never text" in secure
+    assert "No formal guarantee: this federation is too small for one" in secure
+    assert "each device's change" not in secure and "no secure aggregation" not in secure
+    shares = privacy.choose("distributed", noise_multiplier=1.0, **{**common,
+                            "expected_nodes": 10}, secure_aggregation=True)
+    text = privacy.statement(shares)
+    assert f"a share of Gaussian noise x{1 / math.sqrt(6):.2f} added on this device" in text
+    assert "at least 6 devices" in text and "against the operator too" in text
+    assert "noise x1.00, added in shares by the devices" in text
 
 
 def test_central_dp_clips_each_update_and_adds_the_noise_once():

@@ -79,6 +79,7 @@ class Upload:
     noise_multiplier: float  # added on this device (the metric the server checks)
     mode: str = "local"  # the federation's privacy mode (privacy.py)
     release_noise: float | None = None  # of the DP release it is part of (None: as added)
+    masked: bool = False  # sent through secure aggregation (padded to the shared rank)
 
 
 @dataclass(frozen=True)
@@ -206,42 +207,62 @@ def install_shared(paths: Paths, store: Store, shared: rounds.Shared, plan: Roun
 
 
 def take_part(paths: Paths, model_path: Path, plan: RoundPlan,
-              shared_arrays: dict[str, np.ndarray], node_rank: int) -> Upload:
-    """One round on this device. Raises Declined (recorded) when it does not take part."""
+              shared_arrays: dict[str, np.ndarray], node_rank: int,
+              masked: bool = False) -> Upload:
+    """One round on this device. Raises Declined (recorded) when it does not take part.
+    `masked`: the upload goes through secure aggregation (client_app.py masks it)."""
     store = Store(paths.database)
     try:
-        return _take_part(paths, store, model_path, plan, shared_arrays, node_rank)
+        return _take_part(paths, store, model_path, plan, shared_arrays, node_rank, masked)
     except Declined as exc:
-        store.add_federation_round(
-            federation=plan.federation, run_id=str(plan.run_id), round_number=plan.round,
-            rank=node_rank, examples=0, bytes_sent=0, noise_multiplier=None, clip_norm=None,
-            outcome="refused" if "refused" in str(exc) else "declined", reason=str(exc))
+        record_declined(store, plan, node_rank, exc)
         raise
     finally:
         store.close()
 
 
-def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
-               shared_arrays: dict[str, np.ndarray], node_rank: int) -> Upload:
+def record_declined(store: Store, plan: RoundPlan, node_rank: int, reason: Declined) -> None:
+    store.add_federation_round(
+        federation=plan.federation, run_id=str(plan.run_id), round_number=plan.round,
+        rank=node_rank, examples=0, bytes_sent=0, noise_multiplier=None, clip_norm=None,
+        outcome="refused" if "refused" in str(reason) else "declined", reason=str(reason))
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A device that can take part in a round, and on what terms."""
+
+    config: Config
+    dataset: Any  # what it learns from (personalize.data.Dataset)
+    added: float  # the noise multiplier this device adds itself (local DP, distributed)
+    release: float  # of the DP release its update is part of (0: none)
+    epsilon: float | None  # spent after this upload at federation.delta; None: no DP noise
+
+
+def ready(paths: Paths, store: Store, plan: RoundPlan, masked: bool) -> Ready:
+    """Whether this device takes part in `plan`'s round, checked before anything is
+    trained (and, under secure aggregation, before it joins the key exchange). Raises
+    Declined with the reason."""
     config = _opted_in(paths)
     if plan.policy is not None:
         privacy.remember_policy(paths.data_dir, plan.federation, plan.policy)
         problem = policy_problem(plan.policy, config.federation)
         if problem is not None:
             raise Declined(f"this device's privacy settings: {problem}")
+        if plan.policy.secure_aggregation and not masked:
+            raise Declined("the server announced secure aggregation but asked for an"
+                           " unmasked update")
     if probe().on_battery:
         raise Declined("on battery: rounds run only on power")
     if someone_replying(paths.data_dir):
         raise Declined("the user is chatting")
-    base = LocalBase.read(model_path)
-    shared = check_shared(shared_arrays, plan, base)
-    rank = min(node_rank, plan.rank)
-    install_shared(paths, store, shared, plan, rank, base, config.learning.perplexity_margin)
     policy = plan.policy or privacy.Policy.from_record({
         "noise-multiplier": plan.noise_multiplier, "clip-norm": plan.clip_norm})
-    # Noise this device adds itself (local DP only), and the release its update is part of.
-    added = max(policy.device_noise, config.federation.min_noise_multiplier) \
-        if policy.mode == "local" else 0.0
+    # Noise this device adds itself (local DP, or its share under distributed DP), and the
+    # release its update is part of.
+    added = policy.device_noise
+    if policy.mode == "local":
+        added = max(added, config.federation.min_noise_multiplier)
     release = added if policy.mode == "local" else policy.release_noise
     spent = spent_multipliers(store)
     after = dp.epsilon([*spent, release], config.federation.delta) if release > 0 else None
@@ -252,16 +273,30 @@ def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
     if not dataset.examples:
         raise Declined("nothing shareable to learn from (thumbs-up replies or corrections"
                        " outside private conversations)")
+    return Ready(config, dataset, added, release, after)
+
+
+def _take_part(paths: Paths, store: Store, model_path: Path, plan: RoundPlan,
+               shared_arrays: dict[str, np.ndarray], node_rank: int, masked: bool) -> Upload:
+    terms = ready(paths, store, plan, masked)
+    base = LocalBase.read(model_path)
+    shared = check_shared(shared_arrays, plan, base)
+    rank = min(node_rank, plan.rank)
+    install_shared(paths, store, shared, plan, rank, base,
+                   terms.config.learning.perplexity_margin)
     try:
         with training_lock(paths.data_dir):
-            delta = _train(paths, model_path, plan, shared, rank, dataset)
+            delta = _train(paths, model_path, plan, shared, rank, terms.dataset)
     except FloeError as exc:  # the lock: personal training is running
         raise Declined(f"busy: {exc}") from None
-    noised, _ = dp.privatize(delta, plan.clip_norm, added,
+    noised, _ = dp.privatize(delta, plan.clip_norm, terms.added,
                              np.random.default_rng(secrets.randbits(128)))
     _opted_in(paths)  # opting out while this round trained stops the upload
+    if masked:  # secure aggregation sums equal shapes: zeros past this device's rank
+        noised = {m: np.pad(a, ((0, 0), (0, plan.rank - rank))) for m, a in noised.items()}
     upload = Upload({m: a.astype(np.float32) for m, a in noised.items()}, rank,
-                    len(dataset.examples), after, added, policy.mode, release)
+                    len(terms.dataset.examples), terms.epsilon, terms.added,
+                    plan.policy.mode if plan.policy else "local", terms.release, masked)
     record_upload(store, plan, upload)
     return upload
 
@@ -281,14 +316,18 @@ def _opted_in(paths: Paths) -> Config:
 def record_upload(store: Store, plan: RoundPlan, upload: Upload) -> None:
     """The ledger row and the round's row, written before the upload leaves."""
     floats = sum(a.size for a in upload.delta.values())
-    size = sum(a.nbytes for a in upload.delta.values())
+    # Masked: quantized to integers and masked modulo 2^32, sent as int64 (secagg.py).
+    size = (floats + 1) * 8 if upload.masked else sum(a.nbytes for a in upload.delta.values())
     release = upload.noise_multiplier if upload.release_noise is None else upload.release_noise
     store.add_federation_round(
         federation=plan.federation, run_id=str(plan.run_id), round_number=plan.round,
         rank=upload.rank, examples=upload.examples, bytes_sent=size,
         noise_multiplier=release, clip_norm=plan.clip_norm, outcome="uploaded",
         epsilon=upload.epsilon)
-    if upload.noise_multiplier > 0:
+    if upload.noise_multiplier > 0 and upload.mode == "distributed":
+        noise = (f"a share of the round's DP noise added here (x{upload.noise_multiplier:.3g};"
+                 f" the sum carries x{release:g})")
+    elif upload.noise_multiplier > 0:
         noise = f"noise x{upload.noise_multiplier:g} added here"
     elif release > 0:
         noise = f"no noise added here: the server adds x{release:g} to the round's sum"
@@ -296,13 +335,19 @@ def record_upload(store: Store, plan: RoundPlan, upload: Upload) -> None:
         noise = "no DP noise"
     spent = (f"epsilon now {upload.epsilon:.2f}" if upload.epsilon is not None
              else "no formal DP guarantee for this upload")
+    if upload.masked:
+        sent = (f"{floats:,} numbers: the LoRA B-factor changes at rank {upload.rank}, clipped"
+                f" to {plan.clip_norm:g} ({noise}), padded with zeros to rank {plan.rank},"
+                " quantized and masked by secure aggregation (the operator sees only the"
+                " round's sum); public keys and encrypted key shares for the other devices;"
+                " the rank")
+    else:
+        sent = (f"{len(upload.delta)} LoRA B-factor changes ({floats:,} floats, rank"
+                f" {upload.rank}, clipped to {plan.clip_norm:g}, {noise}), the example count"
+                f" {upload.examples}")
     ledger = store.record_request(
         endpoint=plan.federation, model=f"federated run {plan.run_id} round {plan.round}",
-        purpose="federated",
-        text_sent=(f"no text: {len(upload.delta)} LoRA B-factor changes ({floats:,}"
-                   f" floats, rank {upload.rank}, clipped to {plan.clip_norm:g}, {noise}),"
-                   f" the example count {upload.examples}; {spent}"),
-        bytes_sent=size)
+        purpose="federated", text_sent=f"no text: {sent}; {spent}", bytes_sent=size)
     store.finish_request(ledger, bytes_received=0, outcome="sent")
 
 

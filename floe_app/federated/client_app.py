@@ -3,6 +3,10 @@
 The SuperNode is started by `floe sync start` with node config `floe-home` (where this
 user's Floe keeps its files), `rank` (from the device tier) and `federation` (the address,
 for the ledger). Everything a device decides is in client.py.
+
+Rounds under secure aggregation reach the train handler through Flower's SecAgg+ mod
+(secaggplus_mod): the update is quantized and masked on this device, and only the masked
+vector leaves; the server's half is secagg.py. Other rounds go to the handler directly.
 """
 
 from __future__ import annotations
@@ -11,8 +15,20 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from floe_app.config import load_config
 from floe_app.engine.local import resolve_model_path
@@ -24,6 +40,8 @@ from floe_app.federated.client import (
     RoundPlan,
     check_shared,
     install_shared,
+    ready,
+    record_declined,
     take_part,
 )
 from floe_app.paths import Paths, private_umask, resolve_paths
@@ -31,7 +49,33 @@ from floe_app.store.db import Store
 
 DECLINED = 1  # Error code of a reply that carries no update, with the reason
 
-app = ClientApp()
+
+def secure_aggregation(message: Message, context: Context,
+                       call_next: ClientAppCallable) -> Message:
+    """A round under secure aggregation goes through Flower's SecAgg+ mod; a device that
+    does not take part says why at the first stage, before it joins the key exchange (or,
+    if that changes while it trains, drops out: the others' round goes on)."""
+    if message.metadata.message_type != "train" or \
+            RECORD_KEY_CONFIGS not in message.content.config_records:
+        return call_next(message, context)
+    try:
+        if message.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == Stage.SETUP:
+            paths, rank, federation = _node(context)
+            plan = _plan(message, federation, context)
+            store = Store(paths.database)
+            try:
+                ready(paths, store, plan, masked=True)
+            except Declined as exc:
+                record_declined(store, plan, rank, exc)
+                raise
+            finally:
+                store.close()
+        return secaggplus_mod(message, context, call_next)
+    except FloeError as exc:
+        return Message(Error(DECLINED, str(exc)), reply_to=message)
+
+
+app = ClientApp(mods=[secure_aggregation])
 
 
 def _node(context: Context) -> tuple[Paths, int, str]:
@@ -51,15 +95,30 @@ def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
 
 
+def _plan(message: Message, federation: str, context: Context) -> RoundPlan:
+    return RoundPlan.from_record(message.content["config"], federation, context.run_id)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     paths, rank, federation = _node(context)
+    masked = RECORD_KEY_CONFIGS in message.content.config_records
     try:
-        plan = RoundPlan.from_record(message.content["config"], federation, context.run_id)
+        plan = _plan(message, federation, context)
         upload = take_part(paths, _model_path(paths), plan,
-                           _arrays(message.content["shared"]), rank)
+                           _arrays(message.content["shared"]), rank, masked)
     except FloeError as exc:
+        if masked:
+            raise  # secure_aggregation() answers: SecAgg+'s mod has no reply to mask
         return Message(Error(DECLINED, str(exc)), reply_to=message)
+    if masked:  # the layout SecAgg+'s mod masks; it sends only the masked vector on
+        return Message(RecordDict({
+            "fitres.parameters": ArrayRecord({f"{m}.dB": Array(upload.delta[m])
+                                              for m in sorted(upload.delta)}),
+            "fitres.num_examples": MetricRecord({"num_examples": 1}),  # secagg.WEIGHT
+            "fitres.metrics": ConfigRecord({"rank": upload.rank}),
+            "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+        }), reply_to=message)
     return Message(RecordDict({
         "update": ArrayRecord({f"{m}.dB": Array(a) for m, a in upload.delta.items()}),
         "metrics": MetricRecord({"rank": upload.rank, "examples": upload.examples,
@@ -73,7 +132,7 @@ def install(message: Message, context: Context) -> Message:
     paths, rank, federation = _node(context)
     store = Store(paths.database)
     try:
-        plan = RoundPlan.from_record(message.content["config"], federation, context.run_id)
+        plan = _plan(message, federation, context)
         if plan.policy is not None:
             privacy.remember_policy(paths.data_dir, federation, plan.policy)
         base = LocalBase.read(_model_path(paths))

@@ -1,19 +1,24 @@
 """Which privacy a federation runs under, and a true sentence about it for every device.
 
-The operator picks a mode at `floe federation serve --privacy`:
+The operator picks a mode at `floe federation serve --privacy`, and whether rounds run
+under secure aggregation (`--secure-aggregation`, on by default: secagg.py, the server sees
+only a round's sum):
 
-- none: devices clip their change and send it as is; no DP noise, no formal guarantee.
+- none: devices clip their change and send it; no DP noise, no formal guarantee.
 - central: devices clip and send; the server clips every update again, sums them and adds
   Gaussian noise N(0, (z*C)^2) once to the sum, then divides by the expected number of
   devices (DP-FedAvg with a fixed denominator). Everyone who sees the shared adapter is
-  covered by user-level DP; the operator, who sees single updates, is trusted.
-- local: every device adds the noise itself at full strength (the previous default). The
-  operator sees only noised changes; in a small federation the noise drowns the signal.
-- distributed: every device adds a share of the noise under secure aggregation. Refused:
-  Floe has no secure aggregation (README, "Privacy"), and shares of noise without it would
-  leave each update nearly bare before the operator.
-- auto (the default): central when the expected devices per round can bear the noise the
-  chosen epsilon needs, otherwise none, with the arithmetic in the reason.
+  covered by user-level DP; the operator, who sees single updates, is trusted. Needs the
+  server to see single updates: not under secure aggregation.
+- distributed: under secure aggregation only. Every device adds a share of that noise,
+  N(0, (z*C)^2 / t), where t is the fewest devices whose vectors a sum may hold (secagg's
+  threshold, enforced on the devices): the sum carries at least the whole noise, and the
+  operator sees only the noised sum.
+- local: every device adds the noise itself at full strength. In a small federation the
+  noise drowns the signal.
+- auto (the default): DP (distributed under secure aggregation, else central) when the
+  expected devices per round can bear the noise the chosen epsilon needs, otherwise none,
+  with the arithmetic in the reason.
 
 "The noise the sum can bear": the noise on the averaged update has norm about
 z * C * sqrt(D) / n for D coordinates and n devices, and the largest honest change one
@@ -35,21 +40,25 @@ from typing import Any
 from floe_app.federated import dp
 
 MODES = ("auto", "none", "central", "local", "distributed")
-RESOLVED = ("none", "central", "local")
+RESOLVED = ("none", "central", "local", "distributed")
 # Devices' federation.require: what a device accepts.
 REQUIREMENTS = ("any", "formal_dp", "local_dp", "secure_aggregation")
 
 NO_SECURE_AGGREGATION = (
     "distributed DP needs secure aggregation (each device adds a share of the noise and the"
-    " operator sees only the sum); Floe has none yet, and shares of noise without it would"
-    " leave each update nearly bare before the operator. Use --privacy central or local")
+    " operator sees only the sum; without it each update would be nearly bare before the"
+    " operator): drop --secure-aggregation off, or use --privacy central or local")
+CENTRAL_NEEDS_UPDATES = (
+    "central DP has the server clip every single update, which secure aggregation hides"
+    " from it: use --privacy distributed (each device adds a share of the noise), or"
+    " --secure-aggregation off")
 
 
 @dataclass(frozen=True)
 class Policy:
     """A federation's privacy, as the server decided it and every device receives it."""
 
-    mode: str  # "none" | "central" | "local"
+    mode: str  # "none" | "central" | "local" | "distributed"
     noise_multiplier: float  # z: of the server's noise (central) or each device's (local)
     clip_norm: float
     expected_nodes: int  # devices per round the server waits for (and divides by)
@@ -60,14 +69,24 @@ class Policy:
     secure_aggregation: bool = False
 
     @property
+    def sum_threshold(self) -> int:
+        """Under secure aggregation: the fewest devices whose vectors a round's sum holds."""
+        from floe_app.federated.secagg import threshold_for
+
+        return threshold_for(self.expected_nodes)
+
+    @property
     def device_noise(self) -> float:
-        """The multiplier of the noise each device adds before sending."""
+        """The multiplier of the noise each device adds before sending (distributed: a
+        share, so that any sum of `sum_threshold` of them has the whole noise)."""
+        if self.mode == "distributed":
+            return self.noise_multiplier / math.sqrt(self.sum_threshold)
         return self.noise_multiplier if self.mode == "local" else 0.0
 
     @property
     def release_noise(self) -> float:
         """The multiplier of the Gaussian release one device's update is part of (0: none)."""
-        return self.noise_multiplier if self.mode in ("central", "local") else 0.0
+        return self.noise_multiplier if self.mode != "none" else 0.0
 
     def record(self) -> dict[str, Any]:
         """The fields of the round's config record (Flower's ConfigRecord values)."""
@@ -85,6 +104,8 @@ class Policy:
         mode = str(record.get("privacy", "local"))
         if mode not in RESOLVED:
             raise ValueError(f"unknown privacy mode {mode!r}")
+        if mode == "distributed" and not record.get("secure-aggregation", False):
+            raise ValueError("distributed DP without secure aggregation")
         epsilon = float(record.get("epsilon", -1.0))
         return cls(mode, float(record["noise-multiplier"]), float(record["clip-norm"]),
                    int(record.get("expected-nodes", 0)), int(record.get("planned-rounds", 0)),
@@ -134,17 +155,20 @@ def devices_needed(noise_multiplier: float, coordinates: int) -> int:
 
 def choose(requested: str, *, expected_nodes: int, rounds: int, coordinates: int,
            clip_norm: float, target_epsilon: float, delta: float,
-           noise_multiplier: float | None = None) -> Policy:
+           noise_multiplier: float | None = None, secure_aggregation: bool = False) -> Policy:
     """The policy for `requested` (one of MODES). `noise_multiplier` None: the least that
     keeps `rounds` rounds within `target_epsilon`."""
     if requested not in MODES:
         raise ValueError(f"--privacy must be one of {', '.join(MODES)}")
-    if requested == "distributed":
+    if requested == "distributed" and not secure_aggregation:
         raise ValueError(NO_SECURE_AGGREGATION)
+    if requested == "central" and secure_aggregation:
+        raise ValueError(CENTRAL_NEEDS_UPDATES)
     n = max(1, expected_nodes)
+    sa = secure_aggregation
     if requested == "none":
         return Policy("none", 0.0, clip_norm, n, rounds, delta, math.inf,
-                      "the operator chose no DP noise (--privacy none)")
+                      "the operator chose no DP noise (--privacy none)", sa)
     z = noise_multiplier if noise_multiplier is not None else noise_for(
         target_epsilon, rounds, delta)
     if z <= 0:
@@ -156,32 +180,46 @@ def choose(requested: str, *, expected_nodes: int, rounds: int, coordinates: int
                   f" stays below the largest honest update only with {needed:,} or more"
                   f" devices per round, and {n:,} are expected")
     if requested == "auto":
+        if n >= needed and sa:
+            return Policy("distributed", z, clip_norm, n, rounds, delta, epsilon,
+                          f"auto: DP noise added in shares by the devices ({arithmetic})", sa)
         if n >= needed:
             return Policy("central", z, clip_norm, n, rounds, delta, epsilon,
                           f"auto: DP noise added by the server ({arithmetic})")
         return Policy("none", 0.0, clip_norm, n, rounds, delta, math.inf,
-                      f"auto: no DP noise ({arithmetic})")
+                      f"auto: no DP noise ({arithmetic})", sa)
     return Policy(requested, z, clip_norm, n, rounds, delta, epsilon,
-                  f"the operator chose --privacy {requested} ({arithmetic})")
+                  f"the operator chose --privacy {requested} ({arithmetic})", sa)
 
 
 def statement(policy: Policy) -> str:
     """One paragraph, true for this federation: what leaves, who sees it, what guarantee."""
     c = f"{policy.clip_norm:g}"
-    noised_here = (f", with Gaussian noise x{policy.noise_multiplier:.2f} added on this"
-                   " device" if policy.mode == "local" else ", with no noise added here")
-    leaves = (f"Each round this device sends the change it made to the shared adapter"
-              f" (float32 numbers, clipped to norm {c}{noised_here}), its rank and its"
-              " example count; never text.")
-    if policy.secure_aggregation:
-        sees = "The operator's server sees only the sum of a round's changes."
-    elif policy.mode == "local":
-        sees = ("The operator's server sees each device's noised change (no secure"
-                " aggregation); other devices see only the combined adapter.")
+    if policy.mode in ("local", "distributed"):
+        share = "a share of " if policy.mode == "distributed" else ""
+        noised_here = (f", with {share}Gaussian noise x{policy.device_noise:.2f} added on"
+                       " this device")
     else:
-        sees = ("The operator's server sees each device's change itself (no secure"
-                " aggregation): the operator is trusted with single updates; other devices"
-                " see only the combined adapter.")
+        noised_here = ", with no noise added here"
+    if policy.secure_aggregation:
+        leaves = (f"Each round this device sends the change it made to the shared adapter"
+                  f" (clipped to norm {c}{noised_here}; quantized and masked), its rank,"
+                  " public keys and encrypted key shares for the other devices; never text.")
+        sees = (f"The operator's server sees only the sum of a round's changes from at least"
+                f" {policy.sum_threshold} devices (secure aggregation, Flower's SecAgg+),"
+                " never one device's, as long as it runs Floe's server as published; other"
+                " devices see only the combined adapter.")
+    else:
+        leaves = (f"Each round this device sends the change it made to the shared adapter"
+                  f" (float32 numbers, clipped to norm {c}{noised_here}), its rank and its"
+                  " example count; never text.")
+        if policy.mode == "local":
+            sees = ("The operator's server sees each device's noised change (no secure"
+                    " aggregation); other devices see only the combined adapter.")
+        else:
+            sees = ("The operator's server sees each device's change itself (no secure"
+                    " aggregation): the operator is trusted with single updates; other"
+                    " devices see only the combined adapter.")
     guarantee = (f"epsilon {policy.epsilon:.2f} at delta {policy.delta:g} per user over"
                  f" {policy.rounds} rounds")
     if policy.mode == "none":
@@ -195,6 +233,10 @@ def statement(policy: Policy) -> str:
         formal = (f"Formal DP guarantee for everyone who receives the shared adapter:"
                   f" {guarantee} (the server adds noise x{policy.noise_multiplier:.2f} once to"
                   " each round's sum); none against the operator.")
+    elif policy.mode == "distributed":
+        formal = (f"Formal DP guarantee, against the operator too: {guarantee} (every round's"
+                  f" sum carries noise x{policy.noise_multiplier:.2f}, added in shares by the"
+                  " devices).")
     else:
         formal = (f"Formal DP guarantee, against the operator too: {guarantee} (noise added"
                   " on every device).")

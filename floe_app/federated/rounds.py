@@ -104,6 +104,18 @@ def mean_b(shared: Shared, updates: Iterable[tuple[dict[str, np.ndarray], int, i
     return {module: sums[module] / total for module in shared}
 
 
+def mean_b_of_sum(shared: Shared, mean_delta: dict[str, np.ndarray], ranks: list[int]
+                  ) -> dict[str, np.ndarray]:
+    """mean_b with every device counted once, from what secure aggregation yields: the
+    average of the devices' changes to B padded to the shared rank, and their ranks."""
+    if not ranks:
+        raise ValueError("a sum of no updates")
+    rank = next(iter(shared.values()))[0].shape[1]
+    # Column j of B holds b0's column in the devices of rank > j only (FlexLoRA's products).
+    held = np.array([sum(r > j for r in ranks) for j in range(rank)]) / len(ranks)
+    return {m: b0.astype(np.float64) * held + mean_delta[m] for m, (b0, _) in shared.items()}
+
+
 def toward(shared: Shared, new_bs: dict[str, np.ndarray], step: float = 1.0,
            seed: int = 0) -> Shared:
     """The shared adapter moved `step` of the way to B' (given against the shared A):

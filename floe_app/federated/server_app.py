@@ -1,10 +1,12 @@
 """Floe's Flower ServerApp: rounds of FlexLoRA over devices of different ranks.
 
 Each round every connected node gets the shared adapter and the round's settings; it
-answers with a clipped, noised change to the first `rank` columns of B, or declines.
-Updates with wrong keys, shapes or values, or a norm far outside the round's, are refused
-and the round completes with the rest. The shared adapter and a JSON line per round are
-written to the state folder after every round, so a run started again after a SuperLink
+answers with a clipped (and, under DP, noised) change to the first `rank` columns of B, or
+declines. Under secure aggregation (the default) the server learns only the round's average
+(secagg.py). Otherwise it sees every update, and refuses those with wrong keys, shapes or
+values, or a norm far outside the round's; the round completes with the rest. Either way the
+aggregate is checked before it is published. The shared adapter and a JSON line per round
+are written to the state folder after every round, so a run started again after a SuperLink
 restart carries on from the last completed round. The shared adapter moves towards the
 round's average only as far as every device's general-text check accepts. After the last
 round every node gets the final adapter to keep.
@@ -24,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from floe_app.engine.local import resolve_model_path
-from floe_app.federated import privacy, rounds, validate
+from floe_app.federated import privacy, rounds, secagg, validate
 from floe_app.federated.client import LocalBase, perplexity_rise
 from floe_app.paths import private_umask
 
@@ -35,6 +37,17 @@ app = ServerApp()
 # devices at ranks 4/8/16: the full average raised it past 5% at ranks 8 and 16, so two of
 # three devices refused it while the server published it).
 SERVER_STEPS = (1.0, 0.5, 0.25, 0.125)
+
+
+@dataclass
+class Gathered:
+    """A round's updates, combined: B' against the shared A (None: nothing to publish)."""
+
+    target: dict[str, np.ndarray] | None
+    ranks: list[int]  # device ranks in it (the perplexity check runs at each)
+    room: float  # how far the updates could move the weights without noise (check())
+    log: dict[str, Any]  # the round log's fields about who took part
+    problem: str | None = None  # why there is no target, beyond "no updates"
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class Settings:
     epsilon: float = 8.0  # the DP target per user over the run, at delta
     delta: float = 1e-5
     perplexity_margin: float = 0.05  # the devices' default: a rise past it, none keeps it
+    secure_aggregation: bool = True  # secagg.py: the server sees only each round's sum
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> Settings:
@@ -65,7 +79,8 @@ class Settings:
                    float(config["round-timeout"]), Path(str(config["state-dir"])),
                    str(config.get("model", "")), str(config.get("privacy", "auto")),
                    float(config.get("epsilon", 8.0)), float(config.get("delta", 1e-5)),
-                   float(config.get("perplexity-margin", 0.05)))
+                   float(config.get("perplexity-margin", 0.05)),
+                   str(config.get("secure-aggregation", True)).lower() in ("true", "1"))
 
 
 @app.main()
@@ -87,7 +102,7 @@ class Federation:
             clip_norm=settings.clip_norm, target_epsilon=settings.epsilon,
             delta=settings.delta,
             noise_multiplier=settings.noise_multiplier if settings.noise_multiplier >= 0
-            else None)
+            else None, secure_aggregation=settings.secure_aggregation)
 
     # State that survives a SuperLink (and ServerApp) restart
 
@@ -164,11 +179,9 @@ class Federation:
             picked = np.random.default_rng(secrets.randbits(64)).choice(
                 len(nodes), self.policy.expected_nodes, replace=False)
             nodes = sorted(nodes[i] for i in picked)
-        payload = self._payload(round_number)
-        messages = [Message(payload, node, "train", group_id=str(round_number))
-                    for node in nodes]
+        gather = self.secure_updates if self.policy.secure_aggregation else self.plain_updates
         try:
-            replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+            gathered = gather(grid, round_number, nodes)
         except Exception as exc:  # the SuperLink failed mid-round (seen: its SQLite locked)
             # The shared adapter stays as it was; the next round starts afresh (late replies
             # to this one are for messages nobody waits on any more).
@@ -176,6 +189,30 @@ class Federation:
                        "error": f"{type(exc).__name__}: {exc}"[:300],
                        "seconds": round(time.monotonic() - started, 1)})
             return
+        if gathered.target is not None:
+            outcome = self.combine(round_number, gathered.target, gathered.ranks,
+                                   gathered.room)
+        else:
+            outcome = {"published": False, "withheld": gathered.problem or "no updates"}
+        version = self._save(round_number)
+        self._log({"event": "round", "round": round_number, "nodes": len(nodes),
+                   "seconds": round(time.monotonic() - started, 1),
+                   "privacy": self.policy.mode,
+                   "secure_aggregation": self.policy.secure_aggregation,
+                   **gathered.log, **outcome,
+                   "version": version, "settings": {k: str(v) if isinstance(v, Path) else v
+                                                    for k, v in asdict(self.settings).items()}})
+
+    def send(self, grid: Grid) -> secagg.Send:
+        return lambda messages: grid.send_and_receive(messages,
+                                                      timeout=self.settings.round_timeout)
+
+    def plain_updates(self, grid: Grid, round_number: int, nodes: list[int]) -> Gathered:
+        """Every device's update in the clear: each one checked, the bad ones refused."""
+        payload = self._payload(round_number)
+        replies = list(self.send(grid)([Message(payload, node, "train",
+                                                group_id=str(round_number))
+                                        for node in nodes]))
         accepted, norms, declined, refused = {}, {}, {}, {}
         for reply in replies:
             node = str(reply.metadata.src_node_id)
@@ -199,24 +236,16 @@ class Federation:
                 refused[node] = (f"update norm {norms[node]:.3g} is above what clipping and"
                                  f" noise allow ({bound[node]:.3g})")
         kept = {n: u for n, u in accepted.items() if n not in refused}
-        outcome = self.combine(round_number, kept) if kept else {"published": False,
-                                                                 "withheld": "no updates"}
-        version = self._save(round_number)
-        self._log({"event": "round", "round": round_number, "nodes": len(nodes),
-                   "replies": len(replies), "seconds": round(time.monotonic() - started, 1),
-                   "privacy": self.policy.mode,
-                   "accepted": {n: {"rank": u[1], "examples": u[2], "norm": norms[n]}
-                                for n, u in kept.items()},
-                   "refused": refused, "declined": declined, **outcome,
-                   "version": version, "settings": {k: str(v) if isinstance(v, Path) else v
-                                                    for k, v in asdict(self.settings).items()}})
+        log = {"replies": len(replies),
+               "accepted": {n: {"rank": u[1], "examples": u[2], "norm": norms[n]}
+                            for n, u in kept.items()},
+               "refused": refused, "declined": declined}
+        return Gathered(*self.plain_target(kept), log) if kept else Gathered(None, [], 0.0, log)
 
-    def combine(self, round_number: int,
-                kept: dict[str, tuple[dict[str, np.ndarray], int, int, float]]) -> dict:
-        """Aggregate the round's accepted updates under the federation's privacy, check the
-        result, and make it the shared adapter, moved only as far towards the round's
-        average as every device's gate accepts (SERVER_STEPS); else keep the old one.
-        Returns the round log's fields about it."""
+    def plain_target(self, kept: dict[str, tuple[dict[str, np.ndarray], int, int, float]]
+                     ) -> tuple[dict[str, np.ndarray], list[int], float]:
+        """B', the ranks and the room (see Gathered) of updates seen in the clear:
+        {node: (change to B, rank, examples, noise multiplier)}."""
         policy, old = self.policy, self.shared
         if policy.mode == "central":
             target = rounds.central_mean_b(
@@ -226,11 +255,57 @@ class Federation:
         else:
             target = rounds.mean_b(old, [(delta, rank, examples) for delta, rank,
                                          examples, _ in kept.values()])
-        ranks = sorted({rank for _, rank, _, _ in kept.values()})
+        # What the updates could change without noise (see check); with DP noise, judged
+        # by the public bound only: the decision must not reveal an update.
+        room = max(float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2))
+                                     for d in u[0].values()))) for u in kept.values()) \
+            if policy.mode == "none" else 2 * policy.clip_norm
+        return target, sorted({u[1] for u in kept.values()}), room
+
+    def secure_updates(self, grid: Grid, round_number: int, nodes: list[int]) -> Gathered:
+        """Only the round's sum, through secure aggregation (secagg.py): no update can be
+        checked alone, so the aggregate's checks (combine) are all there is."""
+        s, policy = self.settings, self.policy
+        payload = self._payload(round_number)
+        modules = sorted(self.shapes)
+        # Devices clip to norm C, so no coordinate exceeds C; their noise (distributed or
+        # local DP) may add up to 6 standard deviations.
+        clip_range = s.clip_norm * (1.0 + 6.0 * policy.device_noise)
+        summed = secagg.secure_mean(
+            self.send(grid), nodes, RecordDict({"config": payload["config"]}), payload,
+            [(self.shapes[m][0], s.rank) for m in modules], clip_range,
+            group_id=str(round_number))
+        ranks = {}
+        for node, reply in summed.replies.items():
+            try:
+                ranks[str(node)] = int(reply.content["fitres.metrics"]["rank"])
+            except (KeyError, TypeError, ValueError):
+                ranks[str(node)] = s.rank  # its vector is in the sum; count it at full rank
+            ranks[str(node)] = min(max(ranks[str(node)], 1), s.rank)
+        log = {"replies": len(summed.replies) + len(summed.declined),
+               "accepted": {n: {"rank": r} for n, r in ranks.items()}, "refused": {},
+               "declined": {str(n): why for n, why in summed.declined.items()}}
+        if summed.mean is None:
+            return Gathered(None, [], 0.0, log, summed.problem)
+        mean_delta = dict(zip(modules, summed.mean, strict=True))
+        if policy.mode == "distributed":  # DP-FedAvg's fixed denominator, as central
+            target = {m: b0.astype(np.float64) + mean_delta[m] * len(ranks)
+                      / policy.expected_nodes for m, (b0, _) in self.shared.items()}
+        else:
+            target = rounds.mean_b_of_sum(self.shared, mean_delta, list(ranks.values()))
+        room = s.clip_norm if policy.mode == "none" else 2 * s.clip_norm
+        return Gathered(target, sorted(set(ranks.values())), room, log)
+
+    def combine(self, round_number: int, target: dict[str, np.ndarray], ranks: list[int],
+                room: float) -> dict:
+        """Make the round's average B' (`target`, against the shared A) the shared adapter,
+        moved only as far towards it as every device's gate accepts (SERVER_STEPS); else
+        keep the old one. Returns the round log's fields about it."""
+        old = self.shared
         problem, facts = None, {}
         for step in SERVER_STEPS:
             candidate = rounds.toward(old, target, step, seed=round_number)
-            problem, facts = self.check(old, candidate, kept, ranks)
+            problem, facts = self.check(old, candidate, ranks, room)
             if problem is None:
                 self.shared = candidate
                 return {"published": True, "withheld": None, "step": step, **facts}
@@ -240,23 +315,19 @@ class Federation:
             problem = f"{problem}, even moved {SERVER_STEPS[-1]:g} of the way"
         return {"published": False, "withheld": problem, **facts}
 
-    def check(self, old: rounds.Shared, candidate: rounds.Shared, kept: dict,
-              ranks: list[int]) -> tuple[str | None, dict]:
+    def check(self, old: rounds.Shared, candidate: rounds.Shared, ranks: list[int],
+              room: float) -> tuple[str | None, dict]:
         """Why some device would refuse `candidate`, or None; and what was measured.
 
-        Its change to the weights against what the updates could make without noise (an
-        average of changes of norm <= C moves W by <= C, plus, with FlexLoRA's weights, the
-        old adapter's directions some devices did not train; DP noise may add as much again),
-        then general-text perplexity at every rank the round's devices use, with the
-        server's copy of the base model (llama.cpp, the devices' own gate)."""
+        Its change to the weights against what the updates could make without noise
+        (`room`: an average of changes of norm <= C moves W by <= C; plus, with FlexLoRA's
+        products, the old adapter's directions some devices did not train; DP noise may add
+        as much again), then general-text perplexity at every rank the round's devices use,
+        with the server's copy of the base model (llama.cpp, the devices' own gate)."""
         policy = self.policy
         change = rounds.change_norm(old, candidate)
-        if policy.mode == "none":
-            room = max(float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2))
-                                         for d in u[0].values()))) for u in kept.values())
-        else:  # judged by the public bound only: the decision must not reveal an update
-            room = 2 * policy.clip_norm
-        bound = (0.0 if policy.mode == "central" else rounds.norm(old)) + room
+        fixed_denominator = policy.mode in ("central", "distributed")
+        bound = (0.0 if fixed_denominator else rounds.norm(old)) + room
         facts: dict[str, Any] = {"change_norm": round(change, 4),
                                  "norm_bound": round(bound * 1.001, 4)}
         if change > bound * 1.001:

@@ -554,7 +554,10 @@ def describe(entry: dict) -> str:
     if entry.get("event") == "privacy":
         mode = entry["mode"]
         what = {"none": "no DP noise", "central": "central DP (the server adds the noise)",
-                "local": "local DP (every device adds the noise)"}[mode]
+                "local": "local DP (every device adds the noise)",
+                "distributed": "distributed DP (every device adds a share of the noise)"}[mode]
+        what += (", secure aggregation (the server sees only each round's sum)"
+                 if entry.get("secure_aggregation") else ", no secure aggregation")
         epsilon = (f", epsilon {entry['epsilon']:.2f} at delta {entry['delta']:g} per user"
                    if entry.get("epsilon") is not None else "")
         return (f"privacy: {what}{epsilon}; {entry['reason']}. Every device is told:"
