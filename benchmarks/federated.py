@@ -46,6 +46,7 @@ from floe_app.federated import aggregate, dp, rounds
 from floe_app.federated.service import free_port
 from floe_app.paths import resolve_paths
 from floe_app.store import Store
+from tests.support.secagg_devices import Devices, as_server_process
 
 SHARED_RANK = 16
 # `floe federation serve`'s own default (the CLI is the one place it is set).
@@ -310,10 +311,13 @@ def quality(users: int, rounds_n: int, steps: int, base_cache: Path) -> None:
 # 4. Privacy modes with the default serve settings
 
 
-PRIVACY_MODES = [  # (name, --privacy, noise multiplier (None: from epsilon 8), clip)
-    ("no noise (--privacy auto, the default)", "auto", None, 20.0),
-    ("central DP (server adds noise to the sum)", "central", None, 20.0),
-    ("per-device noise x1, clip 1 (the old default)", "local", 1.0, 1.0),
+PRIVACY_MODES = [  # (name, --privacy, noise multiplier (None: from epsilon 8), clip,
+    #                  secure aggregation)
+    ("no noise, secure aggregation (the defaults)", "auto", None, 20.0, True),
+    ("no noise, server sees updates", "auto", None, 20.0, False),
+    ("distributed DP (shares of noise, secure agg.)", "distributed", None, 20.0, True),
+    ("central DP (server adds noise to the sum)", "central", None, 20.0, False),
+    ("per-device noise x1, clip 1 (the old default)", "local", 1.0, 1.0, False),
 ]
 
 
@@ -372,14 +376,16 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
         strict=True))
     rows.append(f"{'base model (no shared adapter)':<46} {recall:>7.0%} {logprob:>9.3f}"
                 f" {leaks:>6.0%} {'-':>8} {'-':>10} {'-':>8} {'-':>8} {'-':>11}")
-    for name, mode, noise, clip in PRIVACY_MODES:
-        if mode not in modes:
+    as_server_process()
+    for name, mode, noise, clip, secure in PRIVACY_MODES:
+        if mode not in modes or (secure and "secure" not in modes):
             continue
+        label = mode + ("-secure" if secure else "")
         settings = server_app.Settings(
             rounds=rounds_n, rank=shared_rank, clip_norm=clip,
             noise_multiplier=-1.0 if noise is None else noise, steps=steps, learning_rate=lr,
-            min_nodes=users, round_timeout=1.0, state_dir=root / f"server-{mode}",
-            model=str(bundled_model_path()), privacy=mode)
+            min_nodes=users, round_timeout=1.0, state_dir=root / f"server-{label}",
+            model=str(bundled_model_path()), privacy=mode, secure_aggregation=secure)
         server = server_app.Federation(settings)
         policy = server.policy
         published, seconds, sent, steps_taken, norms = [], [], [], [], []
@@ -394,17 +400,31 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
                                                for d in delta.values()))))
                 noised, _ = dp.privatize(delta, clip, policy.device_noise, rng)
                 noised = {m: a.astype(np.float32) for m, a in noised.items()}
-                sent.append(sum(a.nbytes for a in noised.values()))
+                if secure:  # padded, quantized and masked: 8 bytes a number (secagg.py)
+                    noised = {m: np.pad(a, ((0, 0), (0, shared_rank - rank)))
+                              for m, a in noised.items()}
+                    sent.append(8 * (sum(a.size for a in noised.values()) + 1))
+                else:
+                    sent.append(sum(a.nbytes for a in noised.values()))
                 kept[str(user)] = (noised, rank, len(examples), policy.device_noise)
                 device_seconds.append(took)
             started = time.perf_counter()
-            outcome = server.combine(round_number, kept)
+            if secure:  # the real protocol, devices in this process (Flower's SecAgg+ mod)
+                devices = Devices({1000 + int(u): [d[m] for m in sorted(d)]
+                                   for u, (d, _, _, _) in kept.items()},
+                                  {1000 + int(u): r for u, (_, r, _, _) in kept.items()})
+                gathered = server.secure_updates(devices, round_number, sorted(devices.vectors))
+                outcome = server.combine(round_number, gathered.target, gathered.ranks,
+                                         gathered.room) if gathered.target is not None \
+                    else {"published": False, "withheld": gathered.problem}
+            else:
+                outcome = server.combine(round_number, *server.plain_target(kept))
             published.append(outcome["published"])
             steps_taken.append(f"{outcome['step']:g}" if outcome["published"] else "-")
             # Devices train side by side: a round lasts as long as the slowest one.
             seconds.append(max(device_seconds) + time.perf_counter() - started)
             if not outcome["published"]:
-                print(f"  {mode}, round {round_number}: {outcome['withheld']}", flush=True)
+                print(f"  {label}, round {round_number}: {outcome['withheld']}", flush=True)
         adapters, accepted = {}, 0
         for user in range(users):
             rank = ranks[user % len(ranks)]
@@ -412,7 +432,7 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
             if not any(b.any() for b, _ in start.values()):
                 adapters[user] = None
                 continue
-            path = write_gguf_adapter(root / f"{mode}-{user}.gguf", peft_state(start),
+            path = write_gguf_adapter(root / f"{label}-{user}.gguf", peft_state(start),
                                       alpha=float(rank), base=base_model_of(engine.metadata))
             keep = perplexity_rise(base, path, root / "base-perplexity.json", threads) <= 0.05
             accepted += keep
@@ -427,7 +447,7 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
         rows.append(f"{name:<46} {recall:>7.0%} {logprob:>9.3f} {leaks:>6.0%}"
                     f" {accepted:>6}/{users} {sum(published):>7}/{rounds_n} {epsilon:>8}"
                     f" {np.mean(seconds):>8.1f} {np.mean(sent) / 1024:>11.0f}")
-        print(f"  {mode}: {policy.reason}; server steps by round: {', '.join(steps_taken)};"
+        print(f"  {label}: {policy.reason}; server steps by round: {', '.join(steps_taken)};"
               f" devices' changes before clipping: norm {min(norms):.1f} to {max(norms):.1f}"
               f" (clip {clip:g})", flush=True)
     print(header)
@@ -460,7 +480,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=15)
     parser.add_argument("--privacy-users", type=int, default=3)
     parser.add_argument("--privacy-lr", type=float, default=SERVE_LEARNING_RATE)
-    parser.add_argument("--privacy-modes", default="auto,central,local")
+    parser.add_argument("--privacy-modes", default="auto,secure,distributed,central,local",
+                        help="part 4's rows: --privacy values, and secure for the rows under"
+                             " secure aggregation")
     parser.add_argument("--privacy-ranks", default="4,8,16",
                         help="device ranks in part 4, in turn (each at most the shared rank)")
     parser.add_argument("--privacy-shared-rank", type=int, default=SHARED_RANK)

@@ -354,7 +354,7 @@ class FederationSettings:
         metadata=_choice(("any", "formal_dp", "local_dp", "secure_aggregation"),
                          "which federations this device takes part in: any; only with a"
                          " formal DP guarantee; only with noise added on this device; only"
-                         " where the operator sees just the sum (none yet)"),
+                         " where the operator sees just the sum (secure aggregation)"),
     )
     min_noise_multiplier: float = field(
         default=0.0,

@@ -523,7 +523,8 @@ def test_the_server_publishes_only_what_devices_would_keep(tmp_path):
     assert "shared adapter unchanged, not published: the aggregate changes" in line
 
 
-def test_serve_refuses_dp_its_aggregation_cannot_give_and_status_json_has_the_privacy(paths, capsys):
+def test_serve_refuses_dp_its_aggregation_cannot_give_and_status_json_has_the_privacy(
+        paths, capsys):
     import json
 
     from floe_app.cli import main

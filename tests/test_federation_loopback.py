@@ -1,8 +1,10 @@
 """A real federation on loopback: `floe federation serve` (a Flower SuperLink and Floe's
-ServerApp) and four devices started with `floe sync start` (Flower SuperNodes running
-Floe's ClientApp), three honest ones at ranks 4, 8 and 16 (the small, medium and large
-tiers) and one tampered. Two rounds, the SuperLink killed and restarted between them, one
-device opting out, every upload of one device read back from the wire."""
+ServerApp) and devices started with `floe sync start` (Flower SuperNodes running Floe's
+ClientApp). Without secure aggregation: three honest devices at ranks 4, 8 and 16 (the
+small, medium and large tiers) and one tampered, two rounds, the SuperLink killed and
+restarted between them, one device opting out, every upload of one device read back from
+the wire. With it (the default): one device failing mid-round, and what reaches the
+SuperLink is masked."""
 
 from __future__ import annotations
 
@@ -127,9 +129,11 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
     state = tmp_path / "operator" / "federation"
     serve_args = ["federation", "serve", "--port", str(port), "--state-dir", str(state),
                   "--rounds", "2", "--rank", "16", "--steps", "6", "--learning-rate", "0.01",
-                  "--clip-norm", "10", "--min-nodes", "4", "--round-timeout", "400"]
+                  "--clip-norm", "10", "--min-nodes", "4", "--round-timeout", "400",
+                  "--secure-aggregation", "off"]
     # --privacy auto (the default): four devices cannot bear DP noise, so none is added,
-    # and the server says so, to the operator and to every device.
+    # and the server says so, to the operator and to every device. Without secure
+    # aggregation the server sees, checks and refuses single updates.
     serve = run_floe(tmp_path / "operator", *serve_args)
     try:
         wait_for(lambda: (state / "superlink.pid").exists(), 60, "the SuperLink", serve)
@@ -146,7 +150,8 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
         out, err = serve.communicate(timeout=60)
         assert serve.returncode == 1 and "the SuperLink stopped" in err
         assert "round 1: 4 nodes, 3 updates aggregated" in out
-        assert "privacy: no DP noise; auto: no DP noise (epsilon 7.99" in out
+        assert "privacy: no DP noise, no secure aggregation; auto: no DP noise (epsilon 7.99" \
+            in out
         assert "No formal guarantee: this federation is too small for one" in out
 
         # Device 3 opts out while the federation is down; everything else carries on.
@@ -253,25 +258,8 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
 
 
 def check_wire(proxy: FaultProxy, ledger: list, texts: list[str]) -> None:
-    from flwr.proto.message_pb2 import PushObjectRequest
-    from flwr.supercore.inflatable.inflatable_object import get_object_type_from_object_content
-    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-
-    requests = proxy.requests()
-    assert requests, "nothing recorded"
-    for _, body in requests:  # no request of any kind carries the user's words
-        for text in texts:
-            assert text.encode() not in body
-    contents = {}
-    for path, body in requests:
-        if path == "/v1/fleet/push-object":
-            request = PushObjectRequest.FromString(body)
-            contents[request.object_id] = request.object_content
-    kinds = {oid: get_object_type_from_object_content(c) for oid, c in contents.items()}
-    assert set(kinds.values()) <= {"Message", "RecordDict", "ArrayRecord", "Array",
-                                   "ArrayChunk", "MetricRecord"}
-    replies = [inflate_object_from_contents(oid, dict(contents), keep_object_contents=True)
-               for oid, kind in kinds.items() if kind == "RecordDict"]
+    replies = pushed(proxy, texts, {"Message", "RecordDict", "ArrayRecord", "Array",
+                                    "ArrayChunk", "MetricRecord"}, "RecordDict")
     floats, uploads = 0, [r for r in replies if "update" in r]
     for reply in replies:
         if "update" not in reply:  # the reply to the final adapter: one count
@@ -288,3 +276,117 @@ def check_wire(proxy: FaultProxy, ledger: list, texts: list[str]) -> None:
     # just before the SuperLink was killed may not have left).
     assert 2 <= len(uploads) <= len(ledger)
     assert floats * 4 == len(uploads) * ledger[0].bytes_sent
+
+
+# A device whose Floe fails after it joined the key exchange: SecAgg+ must finish without it.
+FAILING = """
+import floe_app.federated.client as client
+
+def take_part(*args, **kwargs):
+    raise RuntimeError("this laptop's Floe crashed mid-round")
+
+client.take_part = take_part
+"""
+
+
+@pytest.mark.timeout(900)
+def test_secure_aggregation_on_loopback_masks_every_upload_and_survives_a_failing_device(
+        tmp_path, base_cache):
+    from floe_app.engine.local import bundled_model_path
+    from floe_app.personalize.trainer import load_base
+
+    load_base(bundled_model_path(), base_cache)
+    port = free_port()
+    proxy = FaultProxy("127.0.0.1", port)  # device 1 talks through it
+    address = f"127.0.0.1:{port}"
+    homes = [device(tmp_path, f"device{i + 1}", f"127.0.0.1:{proxy.port}" if i == 0
+                    else address, base_cache, TIERS[i], GLOSSARY[i], PERSONAL[i])
+             for i in range(2)]
+    failing_dir = tmp_path / "failing"
+    failing_dir.mkdir()
+    (failing_dir / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('FLOE_FAILING'):\n"
+        + "\n".join("    " + line for line in FAILING.strip().splitlines()) + "\n")
+    failing_env = dict(os.environ, PYTHONPATH=str(failing_dir), FLOE_FAILING="1")
+    failing = device(tmp_path, "failing", address, base_cache, "large", GLOSSARY[2],
+                     PERSONAL[2])
+    state = tmp_path / "operator" / "federation"
+    serve = run_floe(tmp_path / "operator", "federation", "serve", "--port", str(port),
+                     "--state-dir", str(state), "--rounds", "1", "--rank", "16", "--steps", "2",
+                     "--learning-rate", "0.01", "--clip-norm", "10", "--min-nodes", "3",
+                     "--round-timeout", "300")
+    try:
+        wait_for(lambda: (state / "superlink.pid").exists(), 60, "the SuperLink", serve)
+        for home in [*homes, failing]:
+            started = floe(home, "sync", "start", env=failing_env if home == failing else None)
+            assert started.returncode == 0, started.stderr
+        out, err = serve.communicate(timeout=600)
+        assert serve.returncode == 0, err
+    finally:
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGINT)
+            serve.communicate(timeout=30)
+        for home in [*homes, failing]:
+            floe(home, "sync", "stop")
+        proxy.close()
+
+    assert "secure aggregation (the server sees only each round's sum)" in out
+    assert "round 1: 3 nodes, 2 updates aggregated (ranks 4, 8)" in out
+    assert "this laptop's Floe crashed mid-round" in out  # the failing device's error
+    [round_entry] = [e for e in rounds_logged(state) if e["event"] == "round"]
+    assert round_entry["secure_aggregation"] and round_entry["published"]
+    assert len(round_entry["declined"]) == 1
+    assert "norm" not in str(round_entry["accepted"])  # the server never saw one update
+    # What device 1 sent: keys, encrypted shares and one masked vector; no float of its
+    # update, no word of its text.
+    store = Store(homes[0] / "data" / "floe.db")
+    [upload] = [e for e in store.ledger() if e.purpose == "federated"]
+    assert "masked by secure aggregation" in upload.text_sent
+    store.close()
+    check_masked_wire(proxy, upload, texts=[*GLOSSARY[0], PERSONAL[0], "Rexor", "flarn"])
+    for home in homes:
+        status = floe(home, "sync", "status").stdout
+        assert "sees only the sum of a round's changes from at least 2 devices" in status
+
+
+def check_masked_wire(proxy: FaultProxy, ledger_entry, texts: list[str]) -> None:
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    # No Array (float tensors) at all: records of keys, shares, counts and the masked
+    # vector. (Records another device pushed first, e.g. an equal status, are not re-sent.)
+    configs = pushed(proxy, texts, {"Message", "RecordDict", "ArrayRecord", "MetricRecord",
+                                    "ConfigRecord"}, "ConfigRecord")
+    [masked] = [c[Key.MASKED_PARAMETERS] for c in configs if Key.MASKED_PARAMETERS in c]
+    vector = [bytes_to_ndarray(b) for b in masked]
+    values = np.concatenate([v.ravel() for v in vector[1:]])
+    assert values.dtype == np.int64 and len(values) == 46_080 * 16
+    # A quantized update sits near the middle of [0, 2^22); masked, it fills [0, 2^32).
+    assert values.min() >= 0 and values.max() < 1 << 32
+    assert np.mean(values > 1 << 31) == pytest.approx(0.5, abs=0.01)
+    # The ledger counted what left: 8 bytes a number, the count in it.
+    assert ledger_entry.bytes_sent == (len(values) + 1) * 8
+    assert f"{len(values):,} numbers" in ledger_entry.text_sent
+
+
+def pushed(proxy: FaultProxy, texts: list[str], kinds_allowed: set[str], kind: str) -> list:
+    """Every object of `kind` the device pushed to the SuperLink, inflated; every object it
+    pushed is of `kinds_allowed`, and no request holds any of `texts`."""
+    from flwr.proto.message_pb2 import PushObjectRequest
+    from flwr.supercore.inflatable.inflatable_object import get_object_type_from_object_content
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    requests = proxy.requests()
+    assert requests, "nothing recorded"
+    for _, body in requests:  # no request of any kind carries the user's words
+        for text in texts:
+            assert text.encode() not in body
+    contents = {}
+    for path, body in requests:
+        if path == "/v1/fleet/push-object":
+            request = PushObjectRequest.FromString(body)
+            contents[request.object_id] = request.object_content
+    kinds = {oid: get_object_type_from_object_content(c) for oid, c in contents.items()}
+    assert set(kinds.values()) <= kinds_allowed
+    return [inflate_object_from_contents(oid, dict(contents), keep_object_contents=True)
+            for oid, k in kinds.items() if k == kind]

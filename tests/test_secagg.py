@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp import ClientApp
-from flwr.common import bytes_to_ndarray
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from floe_app.federated.secagg import MODULUS, secure_mean, threshold_for
+from tests.support.secagg_devices import Devices, as_server_process
 
 SHAPES = [(6, 4), (3, 4)]
 CLIP = 1.0
@@ -28,59 +17,11 @@ CLIP = 1.0
 
 @pytest.fixture(autouse=True)
 def server_process(monkeypatch):
-    """What a ServerApp process has: its run's identity (Flower stamps new messages)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class Devices:
-    """Devices running Flower's SecAgg+ mod around a handler that returns a fixed vector.
-    `silent`: node -> the stage at which it stops answering; `declining`: nodes that answer
-    the first stage with an error."""
-
-    def __init__(self, vectors: dict[int, list[np.ndarray]], silent: dict[int, str] | None = None,
-                 declining: set[int] | None = None) -> None:
-        self.vectors, self.silent, self.declining = vectors, silent or {}, declining or set()
-        self.contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in vectors}
-        self.masked: dict[int, list[np.ndarray]] = {}  # what the server received
-        self.apps = {n: self._app(n) for n in vectors}
-
-    def _app(self, node: int) -> ClientApp:
-        app = ClientApp(mods=[secaggplus_mod])
-
-        @app.train()
-        def train(message: Message, context: Context) -> Message:
-            assert message.content["shared"]["x"].numpy()[0] == 7  # the round's payload
-            return Message(RecordDict({
-                "fitres.parameters": ArrayRecord({str(i): Array(v) for i, v in
-                                                  enumerate(self.vectors[node])}),
-                "fitres.num_examples": MetricRecord({"num_examples": 1}),
-                "fitres.metrics": ConfigRecord({"rank": 4}),
-                "fitres.status": ConfigRecord({"code": 0, "message": ""}),
-            }), reply_to=message)
-
-        return app
-
-    def send(self, messages: list[Message]) -> list[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            stage = message.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
-            if self.silent.get(node) == stage:
-                continue
-            if node in self.declining and stage == Stage.SETUP:
-                replies.append(Message(Error(1, "nothing to learn from"), reply_to=message))
-                continue
-            reply = self.apps[node](message, self.contexts[node])
-            if stage == Stage.COLLECT_MASKED_VECTORS:
-                assert not reply.content.array_records["fitres.parameters"]  # cleared
-                self.masked[node] = [bytes_to_ndarray(b) for b in reply.content.config_records[
-                    RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
-            replies.append(reply)
-        return replies
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, None)
+    as_server_process()
 
 
 def run(devices: Devices):

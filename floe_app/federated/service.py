@@ -570,7 +570,7 @@ def describe(entry: dict) -> str:
         return (f"final shared adapter (round {entry['round']}) sent to {entry['nodes']}"
                 f" nodes, kept by {entry['installed']}{refused}")
     accepted = entry["accepted"]
-    ranks = ", ".join(str(u["rank"]) for u in accepted.values())
+    ranks = ", ".join(str(r) for r in sorted(u["rank"] for u in accepted.values()))
     parts = [f"round {entry['round']}: {entry['nodes']} nodes, {len(accepted)} updates"
              f" aggregated" + (f" (ranks {ranks})" if accepted else "")]
     for node, why in entry["refused"].items():
