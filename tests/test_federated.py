@@ -413,10 +413,10 @@ def test_a_device_accepts_what_its_settings_allow(config):
     federation.require = "local_dp"
     assert "add the noise themselves" in client.policy_problem(central, federation)
     assert client.policy_problem(local, federation) is None
-    federation.require = "secure_aggregation"  # no federation has it yet: all declined
+    federation.require = "secure_aggregation"  # declined where the operator sees updates
     assert all("no secure aggregation" in client.policy_problem(p, federation)
                for p in (auto, central, local))
-    assert client.policy_problem(policy_of("central", secure_aggregation=True),
+    assert client.policy_problem(policy_of("auto", secure_aggregation=True),
                                  federation) is None
     federation.require, federation.min_noise_multiplier = "any", 2.0
     assert "x0 (none)" in client.policy_problem(auto, federation)
@@ -442,6 +442,15 @@ def test_a_declined_federation_says_why_and_status_shows_its_privacy(paths, conf
     out = capsys.readouterr().out
     assert "Privacy in 127.0.0.1:9092: Each round this device sends" in out
     assert "No formal guarantee: this federation is too small for one" in out
+    # A server that announced secure aggregation gets no unmasked update (the SecAgg+ mod
+    # on this device masks only what reaches the handler through it).
+    opt_in(paths, config, require="any")
+    secure = {**record, **policy_of("auto", secure_aggregation=True).record()}
+    plan = client.RoundPlan.from_record(secure, "127.0.0.1:9092", 7)
+    with pytest.raises(client.Declined, match="announced secure aggregation but asked for an"
+                                              " unmasked update"):
+        client.take_part(paths, bundled_model_path(), plan, shared_arrays(engine), 4)
+    assert store.ledger() == []
 
 
 def test_uploads_without_noise_spend_no_budget_and_say_so(paths, config, store, engine):
@@ -476,6 +485,39 @@ def updates_for(server, scale, rank=8, seed=0):
     return {str(i): ({m: (scale * rng.standard_normal((out, rank))).astype(np.float32)
                       for m, (out, _) in server.shapes.items()}, rank, 2, 0.0)
             for i in range(3)}
+
+
+def test_under_secure_aggregation_the_server_aggregates_the_sum_it_alone_sees(tmp_path,
+                                                                            monkeypatch):
+    """Through the real protocol (Flower's SecAgg+ mod on in-process devices): without
+    noise, FlexLoRA with every device counted once; under distributed DP, B plus the sum
+    over the expected number of devices (fixed denominator)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from tests.support.secagg_devices import Devices, as_server_process
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, None)
+    as_server_process()
+    for mode in ("none", "distributed"):
+        server = federation_server(tmp_path / mode, mode, noise=0.5)
+        assert server.policy.secure_aggregation and server.policy.mode == mode
+        updates = {int(n): (d, r) for n, (d, r, _, _) in updates_for(server, 0.002).items()}
+        updates[1] = ({m: d[:, :4] for m, d in updates[1][0].items()}, 4)
+        padded = {n: {m: np.pad(d, ((0, 0), (0, 8 - r))) for m, d in delta.items()}
+                  for n, (delta, r) in updates.items()}
+        devices = Devices({n: [p[m] for m in sorted(p)] for n, p in padded.items()},
+                          {n: r for n, (_, r) in updates.items()})
+        gathered = server.secure_updates(devices, 1, sorted(padded))
+        assert sorted(gathered.ranks) == [4, 8] and gathered.problem is None
+        assert set(gathered.log["accepted"]) == {"0", "1", "2"}
+        if mode == "none":
+            expected = rounds.mean_b(server.shared, [(d, r, 1) for d, r in updates.values()])
+        else:
+            expected = {m: b + sum(p[m] for p in padded.values()) / 3
+                        for m, (b, _) in server.shared.items()}
+        for module, b in gathered.target.items():
+            np.testing.assert_allclose(b, expected[module], atol=1e-5)
 
 
 @pytest.mark.timeout(900)
