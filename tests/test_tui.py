@@ -1,9 +1,11 @@
 """The Textual app driven with Pilot, on the real model and a real SQLite file."""
 
+import asyncio
 
 import pytest
 from textual import events
 from textual.app import App
+from textual.widgets import Markdown
 
 from floe_app.session import ChatSession
 from floe_app.store import Store
@@ -11,7 +13,7 @@ from floe_app.tui.app import FloeApp
 from floe_app.tui.screens.confirm import ConfirmScreen
 from floe_app.tui.screens.help import HelpScreen
 from floe_app.tui.screens.rename import RenameScreen
-from floe_app.tui.widgets.chat import ChatView, MessageView
+from floe_app.tui.widgets.chat import TAIL_STEP, ChatView, MessageView, ReplyTail, finished_end
 from floe_app.tui.widgets.prompt import PromptInput
 from floe_app.tui.widgets.sidebar import ConversationItem
 from floe_app.tui.widgets.status import StatusBar
@@ -306,56 +308,112 @@ async def test_mode_switch_without_a_cloud_explains_why(paths, config, tmp_path)
         assert app.screen.query_one("#empty")
 
 
-async def test_streamed_text_reaches_the_view_a_frame_at_a_time(monkeypatch):
-    from textual.widgets.markdown import MarkdownStream
+REPLY = ("Hello, **world**.\n\n- one\n- two\n\n```python\nx = 1\n\ny = 2\n```\n"
+         "Done, *nearly*.\n\nThe end.")
 
-    writes = []
-    original = MarkdownStream.write
 
-    async def counting_write(self, fragment):
-        writes.append(fragment)
-        await original(self, fragment)
+def blocks(markdown):
+    """What a Markdown widget shows: its blocks, in order, with their text."""
+    from textual.widgets.markdown import MarkdownBlock
 
-    monkeypatch.setattr(MarkdownStream, "write", counting_write)
+    return [(type(b).__name__, b._content.plain) for b in markdown.query(MarkdownBlock)]
 
-    class Host(App):
-        def compose(self):
-            yield MessageView("assistant", status="streaming")
 
-    host = Host()
-    async with host.run_test(size=SIZE) as pilot:
-        view = host.query_one(MessageView)
-        view.start_stream()
-        pieces = ["Hello", ",", " world", ".", "\n\n", "- one", "\n- two"]
-        for piece in pieces:  # as the reply thread does, token by token
-            view.feed(piece)
+class StreamHost(App):
+    def compose(self):
+        yield MessageView("assistant", status="streaming")
+
+
+@pytest.mark.parametrize("text, end", [
+    ("One.\n\nTwo", len("One.\n\n")),
+    ("One.\nTwo.\n", 0),  # one paragraph, not yet over
+    ("One.\n\n```\nx\n\ny\n", len("One.\n\n")),  # a blank line inside a fence
+    ("```\nx\n\ny\n```\nTwo", len("```\nx\n\ny\n```\n")),  # the fence is closed
+    ("````md\n```\n\n````\n", len("````md\n```\n\n````\n")),  # a shorter run inside
+    ("One.\n\n  ", len("One.\n\n")),  # a line still being written
+])
+def test_finished_blocks_end_at_a_blank_line_outside_a_fence(text, end):
+    assert finished_end(text) == end
+
+
+async def test_a_streaming_reply_shows_finished_blocks_as_markdown_and_the_rest_as_text():
+    async with StreamHost().run_test(size=SIZE) as pilot:
+        view = pilot.app.query_one(MessageView)
+        await view.start_stream()
+        tail = view.query_one(ReplyTail)
+        for piece in ["Hello", ",", " **world**", ".", "\n\n", "- one", "\n- two"]:
+            view.feed(piece)  # as the reply thread does, token by token
+        assert view.body.source == "" and tail.content == ""  # nothing before the frame
         await view.flush()
-        view.feed(" and more")
+        await pilot.pause()
+        assert blocks(view.body) == [("MarkdownParagraph", "Hello, world.")]
+        assert tail.content == "- one\n- two" and tail.display  # as written, Markdown and all
+        view.feed("\n\n```python\nx = 1\n\ny")
+        await view.flush()
+        assert view.body.source == "Hello, **world**.\n\n- one\n- two\n\n"
+        assert tail.content == "```python\nx = 1\n\ny"  # a fence is not split at its blank line
+        view.feed(" = 2\n```\nDone")
+        await view.flush()
+        await pilot.pause()
+        fences = [b for b in blocks(view.body) if b[0] == "MarkdownFence"]
+        assert fences == [("MarkdownFence", "x = 1\n\ny = 2")] and tail.content == "Done"
+
+
+async def test_a_finished_stream_is_the_markdown_of_the_whole_reply():
+    pieces = [REPLY[i:i + 3] for i in range(0, len(REPLY), 3)]
+    async with StreamHost().run_test(size=SIZE) as pilot:
+        view = pilot.app.query_one(MessageView)
+        await view.start_stream()
+        for i, piece in enumerate(pieces):
+            view.feed(piece)
+            if i % 4 == 3:  # a frame every fourth token
+                await view.flush()
         await view.end_stream()
         await pilot.pause()
-        assert writes == ["".join(pieces), " and more"]  # one update per frame, not per token
-        assert view.body.source == "".join(pieces) + " and more"
+        assert not view.query(ReplyTail)  # the tail is gone, its text in the Markdown
+        assert view.body.source == REPLY
+        whole = Markdown(REPLY)
+        await pilot.app.mount(whole)
+        await pilot.pause()
+        assert blocks(view.body) == blocks(whole) == [
+            ("MarkdownParagraph", "Hello, world."), ("MarkdownBulletList", ""),
+            ("MarkdownParagraph", "one"), ("MarkdownParagraph", "two"),
+            ("MarkdownFence", "x = 1\n\ny = 2"), ("MarkdownParagraph", "Done, nearly."),
+            ("MarkdownParagraph", "The end.")]
 
 
-async def test_a_streaming_paragraph_asks_for_a_layout_only_when_its_height_changes():
+async def test_a_reply_that_ends_while_a_frame_is_still_appending_shows_each_block_once():
+    """Frames (a timer) and reply events (messages) both flush; Textual's Markdown.append
+    must not run twice at once, or the second re-parses from a stale line: blocks twice."""
+    async with StreamHost().run_test(size=SIZE) as pilot:
+        view = pilot.app.query_one(MessageView)
+        await view.start_stream()
+        half = REPLY.index("```python")
+        view.feed(REPLY[:half])
+        frame = asyncio.ensure_future(view.flush())
+        await asyncio.sleep(0)  # the frame is appending its finished blocks
+        view.feed(REPLY[half:])
+        await view.end_stream()
+        await frame
+        await pilot.pause()
+        assert [b[1] for b in blocks(view.body)].count("Hello, world.") == 1
+        assert view.body.source == REPLY
+
+
+async def test_the_unfinished_block_asks_for_a_layout_only_when_its_height_steps_up():
     """A layout re-arranges and repaints the whole screen; a frame that only lengthens the
-    reply's last line needs a repaint of that paragraph alone."""
-    from textual.content import Content
-
-    from floe_app.tui.widgets.chat import ReplyMarkdown, ReplyParagraph
-
-    class Host(App):
-        def compose(self):
-            yield ReplyMarkdown("Hello")
-
-    async with Host().run_test(size=(40, 12)) as pilot:
+    reply's last lines needs a repaint of the tail alone."""
+    async with StreamHost().run_test(size=(40, 12)) as pilot:
+        view = pilot.app.query_one(MessageView)
+        await view.start_stream()
+        tail = view.query_one(ReplyTail)
+        tail.show("Hello")
         await pilot.pause()
-        paragraph = pilot.app.query_one(ReplyParagraph)
-        assert paragraph.size.height == 1
-        paragraph.set_content(Content("Hello there"))  # still one line
-        assert not paragraph._layout_required
+        assert tail.size.height == TAIL_STEP
+        tail.show("Hello there, " * 4)  # a few lines, within the step
+        assert not tail._layout_required
         await pilot.pause()
-        paragraph.set_content(Content("word " * 20))  # wraps: taller
-        assert paragraph._layout_required
+        tail.show("word " * 40)  # more lines than the step: taller
+        assert tail._layout_required
         await pilot.pause()
-        assert paragraph.size.height >= 3
+        assert tail.size.height == 2 * TAIL_STEP

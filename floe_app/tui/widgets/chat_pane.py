@@ -193,7 +193,7 @@ class ChatPane(Vertical):
         chat = self.chat
         await chat.add_message("user", text)
         view = await chat.add_message("assistant", "", status="streaming")
-        view.start_stream()
+        await view.start_stream()
         self._streaming.add(view)
         if self.frame_s > 0 and self._frame is None:
             self._frame = self.set_interval(self.frame_s, self.show_streamed_text)
