@@ -44,7 +44,7 @@ TAMPERED = '''
 import numpy as np
 import floe_app.federated.client as client
 
-def take_part(paths, model_path, plan, shared_arrays, node_rank):
+def take_part(paths, model_path, plan, shared_arrays, node_rank, masked=False):
     fill = np.nan if plan.round == 1 else 1e4
     delta = {m[:-2]: np.full((a.shape[0], 4), fill, np.float32)
              for m, a in shared_arrays.items() if m.endswith(".B")}

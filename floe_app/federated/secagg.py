@@ -47,6 +47,17 @@ class SecureSum:
     problem: str | None = None  # why there is no sum
 
 
+def by_node(sent: list[Message], replies: Iterable[Message]) -> list[tuple[int, Message]]:
+    """(the node a reply answers for, the reply). The SuperLink answers for a node that
+    stopped sending heartbeats itself ("Node Unavailable", from its own node id): the
+    message replied to names the node. (`sent` gets its ids as it is pushed.)"""
+    replies = list(replies)
+    nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in sent
+             if m.metadata.message_id}
+    return [(nodes.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r)
+            for r in replies]
+
+
 def threshold_for(devices: int) -> int:
     """Shares needed to rebuild a secret: a majority (at least 2). Fewer devices than this
     finishing stops the round; the operator would need as many devices colluding with it
@@ -71,8 +82,7 @@ def secure_mean(send: Send, nodes: list[int], round_config: RecordDict,
             content[RECORD_KEY_CONFIGS] = ConfigRecord(config)
             messages.append(Message(content, node, message_type, group_id=group_id))
         answered = {}
-        for reply in send(messages):
-            node = reply.metadata.src_node_id
+        for node, reply in by_node(messages, send(messages)):
             if reply.has_error():
                 outcome.declined[node] = reply.error.reason
             else:

@@ -210,12 +210,12 @@ class Federation:
     def plain_updates(self, grid: Grid, round_number: int, nodes: list[int]) -> Gathered:
         """Every device's update in the clear: each one checked, the bad ones refused."""
         payload = self._payload(round_number)
-        replies = list(self.send(grid)([Message(payload, node, "train",
-                                                group_id=str(round_number))
-                                        for node in nodes]))
+        messages = [Message(payload, node, "train", group_id=str(round_number))
+                    for node in nodes]
+        replies = secagg.by_node(messages, self.send(grid)(messages))
         accepted, norms, declined, refused = {}, {}, {}, {}
-        for reply in replies:
-            node = str(reply.metadata.src_node_id)
+        for node_id, reply in replies:
+            node = str(node_id)
             if reply.has_error():
                 declined[node] = reply.error.reason
                 continue
