@@ -312,7 +312,7 @@ def test_secure_aggregation_on_loopback_masks_every_upload_and_survives_a_failin
                      PERSONAL[2])
     state = tmp_path / "operator" / "federation"
     serve = run_floe(tmp_path / "operator", "federation", "serve", "--port", str(port),
-                     "--state-dir", str(state), "--rounds", "1", "--rank", "16", "--steps", "2",
+                     "--state-dir", str(state), "--rounds", "1", "--rank", "8", "--steps", "2",
                      "--learning-rate", "0.01", "--clip-norm", "10", "--min-nodes", "3",
                      "--round-timeout", "300")
     try:
@@ -360,7 +360,7 @@ def check_masked_wire(proxy: FaultProxy, ledger_entry, texts: list[str]) -> None
     [masked] = [c[Key.MASKED_PARAMETERS] for c in configs if Key.MASKED_PARAMETERS in c]
     vector = [bytes_to_ndarray(b) for b in masked]
     values = np.concatenate([v.ravel() for v in vector[1:]])
-    assert values.dtype == np.int64 and len(values) == 46_080 * 16
+    assert values.dtype == np.int64 and len(values) == 46_080 * 8  # padded to rank 8
     # A quantized update sits near the middle of [0, 2^22); masked, it fills [0, 2^32).
     assert values.min() >= 0 and values.max() < 1 << 32
     assert np.mean(values > 1 << 31) == pytest.approx(0.5, abs=0.01)
