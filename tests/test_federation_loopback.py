@@ -54,6 +54,14 @@ client.take_part = take_part
 '''
 
 
+def patched(folder: Path, code: str) -> dict:
+    """The environment of a device whose Floe runs `code` at start-up (a sitecustomize in
+    `folder`), in every process it starts."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(code)
+    return dict(os.environ, PYTHONPATH=str(folder))
+
+
 def run_floe(home: Path, *args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "floe_app", *args],
                             env=dict(env or os.environ, FLOE_HOME=str(home)),
@@ -119,12 +127,7 @@ def test_three_devices_two_rounds_a_tampered_one_a_restart_and_an_opt_out(
     homes = [device(tmp_path, f"device{i + 1}", f"127.0.0.1:{proxy.port}" if i == 0
                     else address, base_cache, TIERS[i], GLOSSARY[i], PERSONAL[i])
              for i in range(3)]
-    evil_dir = tmp_path / "tampered"
-    evil_dir.mkdir()
-    (evil_dir / "sitecustomize.py").write_text(
-        "import os\nif os.environ.get('FLOE_TAMPERED'):\n"
-        + "\n".join("    " + line for line in TAMPERED.strip().splitlines()) + "\n")
-    evil_env = dict(os.environ, PYTHONPATH=str(evil_dir), FLOE_TAMPERED="1")
+    evil_env = patched(tmp_path / "tampered", TAMPERED)
     evil = device(tmp_path, "tampered", address, base_cache)
     state = tmp_path / "operator" / "federation"
     serve_args = ["federation", "serve", "--port", str(port), "--state-dir", str(state),
@@ -302,12 +305,7 @@ def test_secure_aggregation_on_loopback_masks_every_upload_and_survives_a_failin
     homes = [device(tmp_path, f"device{i + 1}", f"127.0.0.1:{proxy.port}" if i == 0
                     else address, base_cache, TIERS[i], GLOSSARY[i], PERSONAL[i])
              for i in range(2)]
-    failing_dir = tmp_path / "failing"
-    failing_dir.mkdir()
-    (failing_dir / "sitecustomize.py").write_text(
-        "import os\nif os.environ.get('FLOE_FAILING'):\n"
-        + "\n".join("    " + line for line in FAILING.strip().splitlines()) + "\n")
-    failing_env = dict(os.environ, PYTHONPATH=str(failing_dir), FLOE_FAILING="1")
+    failing_env = patched(tmp_path / "failing", FAILING)
     failing = device(tmp_path, "failing", address, base_cache, "large", GLOSSARY[2],
                      PERSONAL[2])
     state = tmp_path / "operator" / "federation"

@@ -54,6 +54,13 @@ CENTRAL_NEEDS_UPDATES = (
     " --secure-aggregation off")
 
 
+def threshold_for(devices: int) -> int:
+    """Shares needed to rebuild a secret: a majority (at least 2). Fewer devices than this
+    finishing stops the round; the operator would need as many devices colluding with it
+    to unmask one."""
+    return max(2, devices // 2 + 1)
+
+
 @dataclass(frozen=True)
 class Policy:
     """A federation's privacy, as the server decided it and every device receives it."""
@@ -71,8 +78,6 @@ class Policy:
     @property
     def sum_threshold(self) -> int:
         """Under secure aggregation: the fewest devices whose vectors a round's sum holds."""
-        from floe_app.federated.secagg import threshold_for
-
         return threshold_for(self.expected_nodes)
 
     @property

@@ -30,6 +30,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+from floe_app.federated.privacy import threshold_for
+
 QUANTIZATION_RANGE = 1 << 22  # Flower's defaults: a sum of up to 1,023 devices fits
 MODULUS = 1 << 32
 WEIGHT = 1  # every device counts once: the server cannot weigh what it cannot see
@@ -56,13 +58,6 @@ def by_node(sent: list[Message], replies: Iterable[Message]) -> list[tuple[int, 
              if m.metadata.message_id}
     return [(nodes.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r)
             for r in replies]
-
-
-def threshold_for(devices: int) -> int:
-    """Shares needed to rebuild a secret: a majority (at least 2). Fewer devices than this
-    finishing stops the round; the operator would need as many devices colluding with it
-    to unmask one."""
-    return max(2, devices // 2 + 1)
 
 
 def secure_mean(send: Send, nodes: list[int], round_config: RecordDict,
