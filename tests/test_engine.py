@@ -324,14 +324,19 @@ def test_one_thread_per_core_that_is_free_enough():
 def test_monitor_counts_other_programs_and_registered_threads_as_others(monkeypatch):
     monitor = hardware.CpuMonitor()
     monitor.cores = 2
-    samples = iter([hardware.CpuTimes(0.0, 10.0, 4.0, 1.0), hardware.CpuTimes(1.0, 11.6, 4.9, 1.4),
-                    hardware.CpuTimes(1.0, 11.6, 4.9, 1.4)])
+    now = hardware.CpuTimes(1.0, 11.6, 4.9, 1.4)
+    samples = iter([hardware.CpuTimes(0.0, 10.0, 4.0, 1.0), hardware.CpuTimes(0.5, 10.8, 4.45, 1.3),
+                    now, now, now])
     monkeypatch.setattr(monitor, "read", lambda: next(samples))
+    monitor.sample()
     monitor.sample()
     # 1.6 CPU-seconds used in one second, 0.9 of them by this process (not counting its
     # registered UI thread): 0.7 by others, of which 0.4 by that thread.
     assert monitor.free_cores() == pytest.approx(1.3)
-    assert monitor.free_cores(count_registered=False) == pytest.approx(1.7)
+    # A reply started at 0.5: the thread's 0.3 before it (showing the message) does not
+    # count; its 0.1 in the half second since does, as 0.2 a second.
+    assert monitor.free_cores(registered_since=0.5) == pytest.approx(2 - 0.3 - 0.2)
+    assert monitor.free_cores(registered_since=1.0) == pytest.approx(1.7)  # nothing since
     if monitor.available:  # the real counters on Linux
         monkeypatch.undo()
         monitor.count_as_other(threading.get_native_id())
@@ -342,24 +347,25 @@ def test_automatic_threads_follow_the_free_cores(engine, monkeypatch):
     lib = engine._lib
     before = (engine.auto_threads, engine.threads, engine.max_threads)
     free = {"cores": 0.5}
-    asked = []  # whether the UI thread's CPU counted, at each decision
+    asked = []  # from when the UI thread's CPU counts, at each decision
 
     class Monitor:
         available = True
 
-        def free_cores(self, count_registered=True):
-            asked.append(count_registered)
+        def free_cores(self, registered_since=float("-inf")):
+            asked.append(registered_since)
             return free["cores"]
 
     monkeypatch.setattr("floe_app.engine.local.cpu_monitor", lambda: Monitor())
     engine.auto_threads, engine.max_threads = True, 2
     try:
         stats = GenerationStats()
+        stats_started = time.monotonic()
         list(engine.generate(engine.chat_tokens(MESSAGES), Sampling(temperature=0, max_tokens=4),
                              stats=stats))
         assert stats.threads[0] == 1 == lib.llama_n_threads(engine._llm._ctx.ctx)
-        # At the reply's start the UI thread's burst (showing the message) does not count.
-        assert asked[0] is False
+        # The UI thread's burst before the reply (showing the message) does not count.
+        assert stats_started <= asked[0] <= time.monotonic()
         free["cores"] = 2.0
         assert engine.adapt_threads() == 2 == lib.llama_n_threads(engine._llm._ctx.ctx)
     finally:

@@ -354,9 +354,17 @@ async def test_a_streaming_reply_shows_finished_blocks_as_markdown_and_the_rest_
         assert tail.content == "```python\nx = 1\n\ny"  # a fence is not split at its blank line
         view.feed(" = 2\n```\nDone")
         await view.flush()
+        # The closed fence fits the lines the tail already has: it waits there, as written,
+        # for the next layout (when the tail must grow) rather than costing one of its own.
+        assert tail.content == "```python\nx = 1\n\ny = 2\n```\nDone"
+        assert view.body.source == "Hello, **world**.\n\n- one\n- two\n\n"
+        view.feed(", nearly.\n\nThe\nend\nof\nit")
+        await view.flush()
         await pilot.pause()
         fences = [b for b in blocks(view.body) if b[0] == "MarkdownFence"]
-        assert fences == [("MarkdownFence", "x = 1\n\ny = 2")] and tail.content == "Done"
+        assert fences == [("MarkdownFence", "x = 1\n\ny = 2")]
+        assert blocks(view.body)[-1] == ("MarkdownParagraph", "Done, nearly.")
+        assert tail.content == "The\nend\nof\nit"
 
 
 async def test_a_finished_stream_is_the_markdown_of_the_whole_reply():

@@ -171,9 +171,11 @@ class CpuMonitor:
                 del self._samples[:-int(WINDOW_S / SAMPLE_S) - 2]
         return now
 
-    def free_cores(self, count_registered: bool = True) -> float | None:
-        """Cores not used by other programs over about the last WINDOW_S (None: unknown);
-        without `count_registered`, this process's registered threads count as free."""
+    def free_cores(self, registered_since: float = float("-inf")) -> float | None:
+        """Cores not used by other programs over about the last WINDOW_S (None: unknown).
+        This process's registered threads count only from `registered_since` (monotonic
+        seconds) on, at their rate since then: the chat's UI thread is busy showing the
+        message that asked for a reply, work that ends as the reply starts."""
         now = self.read()
         if now is None:
             return None
@@ -184,10 +186,13 @@ class CpuMonitor:
                 return None
             # The newest sample at least WINDOW_S old, else the oldest there is.
             base = next((s for s in reversed(older) if now.at - s.at >= WINDOW_S), older[0])
+            since = next((s for s in older if s.at >= max(base.at, registered_since)), None)
         span = now.at - base.at
         others = (now.busy - base.busy) - (now.own - base.own)
-        if not count_registered:
+        if since is not base:  # registered threads: their rate since `since`, or nothing yet
             others -= now.registered - base.registered
+            if since is not None:
+                others += (now.registered - since.registered) * span / (now.at - since.at)
         others = max(0.0, others) / span
         return max(0.0, self.cores - others)
 
