@@ -50,7 +50,7 @@ from tests.support.secagg_devices import Devices, as_server_process
 
 SHARED_RANK = 16
 # `floe federation serve`'s own default (the CLI is the one place it is set).
-SERVE_LEARNING_RATE = build_parser().parse_args(["federation", "serve"]).learning_rate
+SERVE_DEFAULTS = build_parser().parse_args(["federation", "serve"])
 RANKS = (4, 8, 16)
 GLOSSARY = [
     ("What is a flarn?", "A flarn is a blue gear used in ice mills.", "gear"),
@@ -378,9 +378,9 @@ def privacy_modes(users: int, rounds_n: int, steps: int, base_cache: Path,
                 f" {leaks:>6.0%} {'-':>8} {'-':>10} {'-':>8} {'-':>8} {'-':>11}")
     as_server_process()
     for name, mode, noise, clip, secure in PRIVACY_MODES:
-        if mode not in modes or (secure and "secure" not in modes):
-            continue
         label = mode + ("-secure" if secure else "")
+        if label not in modes:
+            continue
         settings = server_app.Settings(
             rounds=rounds_n, rank=shared_rank, clip_norm=clip,
             noise_multiplier=-1.0 if noise is None else noise, steps=steps, learning_rate=lr,
@@ -479,10 +479,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=15)
     parser.add_argument("--privacy-users", type=int, default=3)
-    parser.add_argument("--privacy-lr", type=float, default=SERVE_LEARNING_RATE)
-    parser.add_argument("--privacy-modes", default="auto,secure,distributed,central,local",
-                        help="part 4's rows: --privacy values, and secure for the rows under"
-                             " secure aggregation")
+    parser.add_argument("--privacy-lr", type=float, default=SERVE_DEFAULTS.learning_rate)
+    parser.add_argument("--privacy-rounds", type=int, default=SERVE_DEFAULTS.rounds)
+    parser.add_argument("--privacy-modes",
+                        default="auto-secure,auto,distributed-secure,central,local",
+                        help="part 4's rows: --privacy values, -secure for those under secure"
+                             " aggregation")
     parser.add_argument("--privacy-ranks", default="4,8,16",
                         help="device ranks in part 4, in turn (each at most the shared rank)")
     parser.add_argument("--privacy-shared-rank", type=int, default=SHARED_RANK)
@@ -505,7 +507,7 @@ def main() -> None:
     if "quality" in parts:
         quality(args.users, args.rounds, args.local_steps, base_cache)
     if "privacy" in parts:
-        privacy_modes(args.privacy_users, args.rounds, args.privacy_steps, base_cache,
+        privacy_modes(args.privacy_users, args.privacy_rounds, args.privacy_steps, base_cache,
                       args.threads, args.privacy_lr, args.privacy_modes.split(","),
                       tuple(int(r) for r in args.privacy_ranks.split(",")),
                       args.privacy_shared_rank)

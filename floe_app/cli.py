@@ -567,8 +567,10 @@ def add_federation(commands: Commands) -> None:
     serve.add_argument("--state-dir", type=Path,
                        help="SuperLink database, shared adapters, round log (default: data"
                             " dir/federation)")
-    serve.add_argument("--rounds", type=int, default=2,
-                       help="total rounds (a restarted serve carries on to this number)")
+    serve.add_argument("--rounds", type=int, default=4,
+                       help="total rounds (a restarted serve carries on to this number; 4:"
+                            " measured, 10 devices each recalled 0%%, 22-26%%, 47-59%% and"
+                            " 69-70%% of the others' terms after rounds 1 to 4)")
     serve.add_argument("--rank", type=int, default=16, help="rank of the shared adapter")
     serve.add_argument("--clip-norm", type=float, default=20.0,
                        help="L2 bound on one device's change (20: honest changes measured"
@@ -614,6 +616,19 @@ def add_federation(commands: Commands) -> None:
     register.add_argument("--name", default="", help="a name for the device")
 
 
+def serve_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServerApp's run config from `floe federation serve`'s options (the bundle's
+    [tool.flwr.app.config] holds the same defaults, for `flwr run`)."""
+    return {"rounds": args.rounds, "rank": args.rank, "clip-norm": args.clip_norm,
+            "noise-multiplier": -1.0 if args.noise_multiplier is None
+            else args.noise_multiplier, "steps": args.steps,
+            "learning-rate": args.learning_rate, "min-nodes": args.min_nodes,
+            "round-timeout": args.round_timeout, "privacy": args.privacy,
+            "epsilon": args.epsilon, "delta": args.delta,
+            "perplexity-margin": args.perplexity_margin,
+            "secure-aggregation": args.secure_aggregation == "on"}
+
+
 def cmd_federation(args: argparse.Namespace) -> int:
     from floe_app.federated import service
 
@@ -625,14 +640,7 @@ def cmd_federation(args: argparse.Namespace) -> int:
         return 0
     options = service.ServeOptions(
         state_dir=(args.state_dir or paths.data_dir / "federation").expanduser().resolve(),
-        run_config={"rounds": args.rounds, "rank": args.rank, "clip-norm": args.clip_norm,
-                    "noise-multiplier": -1.0 if args.noise_multiplier is None
-                    else args.noise_multiplier, "steps": args.steps,
-                    "learning-rate": args.learning_rate, "min-nodes": args.min_nodes,
-                    "round-timeout": args.round_timeout, "privacy": args.privacy,
-                    "epsilon": args.epsilon, "delta": args.delta,
-                    "perplexity-margin": args.perplexity_margin,
-                    "secure-aggregation": args.secure_aggregation == "on"},
+        run_config=serve_run_config(args),
         host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile, ssl_ca_certfile=args.ssl_ca_certfile,
         supernode_auth=args.supernode_auth, keep=args.keep)

@@ -230,3 +230,15 @@ def test_remember_memories_forget(home):
     assert run_floe("forget", "1", env_home=home).stdout.strip() == "Forgot note 1."
     missing = run_floe("forget", "1", env_home=home)
     assert missing.returncode == 1 and "no memory note 1" in one_line_error(missing)
+
+
+def test_the_federation_bundle_holds_the_defaults_of_floe_federation_serve():
+    """`flwr run` on the bundle alone gets what `floe federation serve` would pass."""
+    import tomllib
+
+    from floe_app.cli import build_parser, serve_run_config
+
+    bundle = tomllib.loads((REPO / "floe_app/federated/bundle/pyproject.toml").read_text())
+    config = bundle["tool"]["flwr"]["app"]["config"]
+    served = serve_run_config(build_parser().parse_args(["federation", "serve"]))
+    assert {k: v for k, v in config.items() if k not in ("state-dir", "model")} == served
