@@ -186,10 +186,10 @@ class CpuMonitor:
                 return None
             # The newest sample at least WINDOW_S old, else the oldest there is.
             base = next((s for s in reversed(older) if now.at - s.at >= WINDOW_S), older[0])
-            since = next((s for s in older if s.at >= max(base.at, registered_since)), None)
+            since = next((s for s in older if s.at >= registered_since), None)
         span = now.at - base.at
         others = (now.busy - base.busy) - (now.own - base.own)
-        if since is not base:  # registered threads: their rate since `since`, or nothing yet
+        if registered_since > base.at:  # registered threads: their rate since, or nothing yet
             others -= now.registered - base.registered
             if since is not None:
                 others += (now.registered - since.registered) * span / (now.at - since.at)

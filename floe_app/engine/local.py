@@ -306,8 +306,8 @@ class LocalEngine:
         The chat's UI thread counts only from `reply_started` (monotonic seconds) on: it has
         just been busy showing the message that asked for the reply, work that ends as the
         reply starts. Counting it chose one thread for the prompt (measured: first token
-        after 525 ms, against 290 ms with two), and a second later still one for the next
-        half second in one reply of two (chat window benchmark)."""
+        after 525 ms, against 290 ms with two), and half a second in still one for the
+        next half second, in one chat window reply of two (logged per decision)."""
         if self.auto_threads:
             free = cpu_monitor().free_cores(registered_since=reply_started)
             self.set_threads(threads_for(free, self.max_threads))
